@@ -1,0 +1,109 @@
+"""API errors with the gRPC status they travel as, worded as Kubernetes words them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import grpc
+
+
+def _show(value: object) -> str:
+    return json.dumps(value) if isinstance(value, (str, list)) else str(value)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    path: str
+    kind: str  # Invalid, Required, Unsupported, Duplicate, Forbidden
+    value: object = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "Required":
+            return f"{self.path}: Required value" + (f": {self.detail}" if self.detail else "")
+        if self.kind == "Forbidden":
+            return f"{self.path}: Forbidden: {self.detail}"
+        if self.kind == "Unsupported":
+            return f"{self.path}: Unsupported value: {_show(self.value)}: supported values: {self.detail}"
+        if self.kind == "Duplicate":
+            return f"{self.path}: Duplicate value: {_show(self.value)}"
+        return f"{self.path}: Invalid value: {_show(self.value)}: {self.detail}"
+
+
+def invalid(path: str, value: object, detail: str) -> FieldError:
+    return FieldError(path, "Invalid", value, detail)
+
+
+def required(path: str, detail: str = "") -> FieldError:
+    return FieldError(path, "Required", None, detail)
+
+
+def unsupported(path: str, value: object, supported: tuple[str, ...]) -> FieldError:
+    return FieldError(path, "Unsupported", value, ", ".join(json.dumps(s) for s in supported))
+
+
+def forbidden(path: str, detail: str) -> FieldError:
+    return FieldError(path, "Forbidden", None, detail)
+
+
+def duplicate(path: str, value: object) -> FieldError:
+    return FieldError(path, "Duplicate", value)
+
+
+class ApiError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Invalid(ApiError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, kind: str, name: str, errors: list[FieldError]) -> None:
+        joined = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
+        super().__init__(f'{kind} "{name}" is invalid: {joined}')
+        self.errors = errors
+
+
+class NotFound(ApiError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ApiError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Conflict(ApiError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Expired(ApiError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unauthenticated(ApiError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RangeFull(ApiError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+_BY_CODE = {cls.code: cls for cls in (NotFound, AlreadyExists, Conflict, Expired, Unauthenticated, RangeFull)}
+
+
+def from_status(code: grpc.StatusCode, message: str) -> ApiError:
+    """The client-side ApiError for a gRPC status, so callers catch NotFound, Conflict, ..."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        err: ApiError = ApiError(message)
+        err.code = code
+        return err
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = ApiError(message)
+        err.code = code
+        return err
+    return cls(message)

@@ -1,0 +1,87 @@
+"""What every CLI command shares: finding the cluster, running async calls, failing clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+
+import click
+
+from testbed.api.errors import ApiError
+from testbed.client.client import ApiClient
+from testbed.paths import DEFAULT_STATE_ROOT, StateDir, check_cluster_name
+
+T = TypeVar("T")
+
+
+@dataclass
+class Target:
+    """The cluster a command acts on (from --name, SVCLAB_CLUSTER or --state-dir)."""
+
+    name: str
+    state: StateDir
+
+    def client(self) -> ApiClient:
+        if not self.state.api_socket.exists():
+            fail(
+                f'cluster "{self.name}" is not running (no API socket at {self.state.api_socket}); '
+                "start it with `svclab up`"
+            )
+        return ApiClient.for_state_dir(self.state)
+
+
+def make_target(name: str, state_dir: Path | None, state_root: Path | None) -> Target:
+    try:
+        check_cluster_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--name") from None
+    if state_dir is not None:
+        return Target(name, StateDir(state_dir))
+    return Target(name, StateDir.for_cluster(name, state_root or DEFAULT_STATE_ROOT))
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(message if message.startswith("error") else f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_with_client(target: Target, fn: Callable[[ApiClient], Awaitable[T]]) -> T:
+    """Run fn(client) to completion; API errors become one clear line and exit status 1."""
+
+    async def main() -> T:
+        async with target.client() as client:
+            return await fn(client)
+
+    try:
+        return asyncio.run(main())
+    except ApiError as exc:
+        fail(f"Error from server: {exc.message}" if not exc.message.startswith("Error") else exc.message)
+    raise AssertionError("unreachable")
+
+
+def pass_target(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.pass_obj(fn)
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations as Kubernetes flags take them: 500ms, 5s, 1m, 1m30s; a bare number is seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"invalid duration {text!r} (e.g. 500ms, 5s, 1m)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, float) else parse_duration(str(value))

@@ -1,0 +1,62 @@
+"""The cluster's processes, each runnable alone like its Kubernetes counterpart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from testbed.cli.common import Duration, Target, pass_target
+
+
+@click.command()
+@click.option("--state-dir", "state_dir", type=click.Path(path_type=Path), required=True,
+              help="Where the database, API socket (api.sock) and write token live.")
+@click.option("--listen", default="", help="Also serve gRPC on this TCP address (host:port).")
+@click.option("--service-cidr", default="10.96.0.0/12", show_default=True, help="ClusterIP range.")
+@click.option("--node-port-range", default="30000-32767", show_default=True, help="NodePort range A-B.")
+@click.option("--watch-history", default=100_000, show_default=True,
+              help="Changes kept for watches to resume from.")
+def apiserver(state_dir: Path, listen: str, service_cidr: str, node_port_range: str, watch_history: int) -> None:
+    """Run the API server (gRPC; state in SQLite in --state-dir)."""
+    from testbed.apiserver.allocators import ClusterIPAllocator, PortAllocator
+    from testbed.apiserver.server import run
+
+    try:
+        ClusterIPAllocator(service_cidr)
+        PortAllocator.parse(node_port_range)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    run(state_dir, listen, service_cidr, node_port_range, watch_history)
+
+
+def _api_options(fn):
+    fn = click.option("--api", default=None, help="API server address (default: the cluster's socket).")(fn)
+    fn = click.option("--token-file", type=click.Path(path_type=Path), default=None,
+                      help="Bearer token for writes (default: the cluster's token file).")(fn)
+    return fn
+
+
+def api_endpoint(target: Target, api: str | None, token_file: Path | None) -> tuple[str, str]:
+    token_path = token_file or target.state.token_file
+    try:
+        token = token_path.read_text().strip()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read the API token: {exc}", param_hint="--token-file") from None
+    return api or target.state.api_address, token
+
+
+@click.command(name="controller-manager")
+@_api_options
+@click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
+              help="Pod addresses; each node gets a /24 of it.")
+@click.option("--node-monitor-grace-period", type=Duration(), default="5s", show_default=True,
+              help="How long a node may miss heartbeats before it is NotReady.")
+@pass_target
+def controller_manager(target: Target, api: str | None, token_file: Path | None, cluster_cidr: str,
+                       node_monitor_grace_period: float) -> None:
+    """Run the controllers: deployments, scheduler, endpoint slices, node IPAM and lifecycle, GC."""
+    from testbed.controllers.manager import run
+
+    address, token = api_endpoint(target, api, token_file)
+    run(address, token, cluster_cidr, node_monitor_grace_period)

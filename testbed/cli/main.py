@@ -1,0 +1,28 @@
+"""The `svclab` command: one group, one module per family of verbs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from testbed.cli import components, objects
+from testbed.cli.common import make_target
+from testbed.paths import cluster_from_env
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--name", default=None, help="Cluster to act on (default: $SVCLAB_CLUSTER or 'svclab').")
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="Use the cluster whose state is in this directory.")
+@click.option("--state-root", type=click.Path(path_type=Path), default=None, envvar="SVCLAB_STATE_ROOT",
+              hidden=True, help="Where clusters keep their state (default /var/lib/svclab).")
+@click.pass_context
+def cli(ctx: click.Context, name: str | None, state_dir: Path | None, state_root: Path | None) -> None:
+    """svclab: an emulated Kubernetes cluster to learn, test and break Service networking."""
+    ctx.obj = make_target(name or cluster_from_env(), state_dir, state_root)
+
+
+for command in (objects.apply, objects.get, objects.describe_cmd, objects.delete, objects.scale,
+                components.apiserver, components.controller_manager):
+    cli.add_command(command)

@@ -1,0 +1,304 @@
+"""The controller-manager process against a real API server.
+
+The kubelet's side (heartbeats, pod IPs and readiness) is played here by
+`NodeAgents`, through the same API calls a kubelet makes; the runtime issue's
+end-to-end tests use the real kubelet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+import pytest
+
+from testbed.api.errors import ApiError, Conflict, NotFound
+from testbed.api.meta import now_rfc3339
+from tests.builders import deployment, node, service
+from tests.conftest import run
+
+
+class NodeAgents:
+    """Heartbeats for some nodes and pod status for the pods bound to them."""
+
+    def __init__(self, client, names):
+        self.client = client
+        self.alive = set(names)
+        self.ready_pods = True
+
+    async def register(self, names):
+        for i, name in enumerate(sorted(names)):
+            await self.client.create(node(name, f"172.18.0.{i + 2}"))
+
+    async def tick(self):
+        for name in list(self.alive):
+            n = await self.client.get("Node", name)
+            n.status.conditions[0].last_heartbeat_time = now_rfc3339()
+            n.status.conditions[0].status = "True"
+            await self.client.update_status(n)
+        pods, _ = await self.client.list("Pod")
+        nodes = {n.metadata.name: n for n in (await self.client.list("Node"))[0]}
+        for pod in pods:
+            if pod.spec.node_name not in self.alive:
+                continue
+            if pod.metadata.deletion_timestamp:
+                await self._ignore(self.client.delete("Pod", pod.metadata.name, pod.metadata.namespace, 0))
+                continue
+            if pod.status.pod_ip or not nodes[pod.spec.node_name].spec.pod_cidr:
+                continue
+            cidr = ipaddress.ip_network(nodes[pod.spec.node_name].spec.pod_cidr)
+            used = {p.status.pod_ip for p in pods}
+            pod.status.pod_ip = next(str(ip) for ip in list(cidr.hosts())[1:] if str(ip) not in used)
+            pod.status.phase = "Running"
+            pod.status.conditions.add(type="Ready", status="True" if self.ready_pods else "False")
+            await self._ignore(self.client.update_status(pod))
+
+    @staticmethod
+    async def _ignore(call):
+        try:
+            await call
+        except (Conflict, NotFound):
+            pass
+
+    async def run_until(self, predicate, timeout=15.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await self.tick()
+            if await predicate():
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def active_pods(c, label="app=web"):
+    pods, _ = await c.list("Pod", label_selector=label)
+    return [p for p in pods if not p.metadata.deletion_timestamp]
+
+
+async def slice_addresses(c, svc="web"):
+    slices, _ = await c.list("EndpointSlice", label_selector=f"kubernetes.io/service-name={svc}")
+    return sorted(a for s in slices for e in s.endpoints if e.conditions.ready for a in e.addresses)
+
+
+def test_nodes_get_distinct_pod_cidrs(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, [f"node-{i}" for i in range(5)])
+            await agents.register(agents.alive)
+
+            async def all_have_cidrs():
+                nodes, _ = await c.list("Node")
+                return all(n.spec.pod_cidr for n in nodes)
+
+            await agents.run_until(all_have_cidrs)
+            cidrs = [n.spec.pod_cidr for n in (await c.list("Node"))[0]]
+            assert len(set(cidrs)) == 5
+            assert all(ipaddress.ip_network(x).subnet_of(ipaddress.ip_network("10.244.0.0/16")) for x in cidrs)
+    run(scenario())
+
+
+def test_deployment_scales_3_10_0_spread_over_ready_nodes(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b", "node-c"])
+            await agents.register(agents.alive)
+            await c.create(deployment("web", replicas=3))
+
+            async def count_is(n):
+                async def check():
+                    pods = await active_pods(c)
+                    d = await c.get("Deployment", "web")
+                    return len(pods) == n and all(p.status.pod_ip for p in pods) and d.status.ready_replicas == n
+                return check
+
+            await agents.run_until(await count_is(3))
+            pods = await active_pods(c)
+            assert sorted(p.spec.node_name for p in pods) == ["node-a", "node-b", "node-c"]
+            assert all(p.metadata.name.startswith("web-") and len(p.metadata.name.split("-")) == 3 for p in pods)
+
+            d = await c.get("Deployment", "web")
+            d.spec.replicas = 10
+            await c.update(d)
+            await agents.run_until(await count_is(10))
+            per_node = {}
+            for p in await active_pods(c):
+                per_node[p.spec.node_name] = per_node.get(p.spec.node_name, 0) + 1
+            assert sorted(per_node.values()) == [3, 3, 4]
+
+            d = await c.get("Deployment", "web")
+            d.spec.replicas = 0
+            await c.update(d)
+
+            async def none_left():
+                pods, _ = await c.list("Pod")
+                d = await c.get("Deployment", "web")
+                return not pods and (d.status.replicas, d.status.ready_replicas) == (0, 0)
+
+            await agents.run_until(none_left)
+    run(scenario())
+
+
+def test_deleted_pods_are_replaced(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a"])
+            await agents.register(agents.alive)
+            await c.create(deployment("web", replicas=2))
+
+            async def two_running():
+                pods = await active_pods(c)
+                return len(pods) == 2 and all(p.status.pod_ip for p in pods)
+
+            await agents.run_until(two_running)
+            victim = (await active_pods(c))[0].metadata.name
+            await c.delete("Pod", victim, grace_period=0)
+            await agents.run_until(two_running)
+            assert victim not in {p.metadata.name for p in await active_pods(c)}
+    run(scenario())
+
+
+def test_endpoint_slices_follow_pods_and_readiness(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b"])
+            await agents.register(agents.alive)
+            await c.create(service("web", ports=[{"name": "http", "port": 80, "targetPort": "web-port"}]))
+            await c.create(deployment("web", replicas=3, port=8080, port_name="web-port"))
+
+            async def three_ready():
+                return len(await slice_addresses(c)) == 3
+
+            await agents.run_until(three_ready)
+            slices, _ = await c.list("EndpointSlice", label_selector="kubernetes.io/service-name=web")
+            assert len(slices) == 1
+            eps = slices[0]
+            assert [(p.name, p.protocol, p.port) for p in eps.ports] == [("http", "TCP", 8080)]  # named port resolved
+            assert {e.node_name for e in eps.endpoints} <= {"node-a", "node-b"}
+            assert all(e.target_ref.kind == "Pod" for e in eps.endpoints)
+            assert eps.metadata.owner_references[0].kind == "Service"
+            pods = await active_pods(c)
+            assert sorted(p.status.pod_ip for p in pods) == await slice_addresses(c)
+
+            # a pod turning unready leaves the ready set but stays listed as not ready
+            pod = pods[0]
+            pod.status.conditions[0].status = "False"
+            await c.update_status(pod)
+
+            async def two_ready():
+                return len(await slice_addresses(c)) == 2
+
+            await agents.run_until(two_ready)
+
+            # a pod being deleted gracefully is terminating: ready false, serving true
+            other = pods[1]
+            await c.delete("Pod", other.metadata.name)
+            agents.alive.discard(other.spec.node_name)  # nobody finishes it yet
+
+            async def terminating_seen():
+                slices, _ = await c.list("EndpointSlice", label_selector="kubernetes.io/service-name=web")
+                return any(e.conditions.terminating and e.conditions.serving and not e.conditions.ready
+                           for s in slices for e in s.endpoints)
+
+            await agents.run_until(terminating_seen)
+    run(scenario())
+
+
+def test_node_that_stops_heartbeats_becomes_not_ready_and_leaves_endpoints(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b"])
+            await agents.register(agents.alive)
+            await c.create(service("web"))
+            await c.create(deployment("web", replicas=4))
+
+            async def four_ready():
+                return len(await slice_addresses(c)) == 4
+
+            await agents.run_until(four_ready)
+            agents.alive.discard("node-b")
+            started = time.monotonic()
+
+            async def node_b_out():
+                n = await c.get("Node", "node-b")
+                ready = n.status.conditions[0]
+                on_b = {p.status.pod_ip for p in await active_pods(c) if p.spec.node_name == "node-b"}
+                return ready.status == "Unknown" and not (on_b & set(await slice_addresses(c)))
+
+            await agents.run_until(node_b_out, timeout=10)
+            # grace period is 2 s in the fixture; detection needs at least that
+            assert time.monotonic() - started >= 2.0
+            assert len(await slice_addresses(c)) == 2
+    run(scenario())
+
+
+def test_deleting_owners_collects_dependents(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a"])
+            await agents.register(agents.alive)
+            await c.create(service("web"))
+            await c.create(deployment("web", replicas=2))
+
+            async def ready():
+                return len(await slice_addresses(c)) == 2
+
+            await agents.run_until(ready)
+            await c.delete("Deployment", "web")
+            await c.delete("Service", "web")
+
+            async def all_gone():
+                pods, _ = await c.list("Pod")
+                slices, _ = await c.list("EndpointSlice")
+                return not pods and not slices
+
+            await agents.run_until(all_gone)
+    run(scenario())
+
+
+def test_template_change_rolls_out_without_dropping_below_desired(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b"])
+            await agents.register(agents.alive)
+            await c.create(service("web"))
+            await c.create(deployment("web", replicas=4, image="v1"))
+
+            async def rolled(image):
+                async def check():
+                    pods = await active_pods(c)
+                    return len(pods) == 4 and all(p.spec.containers[0].image == image and p.status.pod_ip for p in pods)
+                return check
+
+            await agents.run_until(await rolled("v1"))
+            d = await c.get("Deployment", "web")
+            d.spec.template.spec.containers[0].image = "v2"
+            await c.update(d)
+            lowest = 4
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                await agents.tick()
+                lowest = min(lowest, len(await slice_addresses(c)))
+                if await (await rolled("v2"))():
+                    break
+                await asyncio.sleep(0.1)
+            assert await (await rolled("v2"))()
+            assert lowest >= 3  # maxUnavailable 25% of 4
+            d = await c.get("Deployment", "web")
+            assert d.status.updated_replicas == 4 and d.status.observed_generation == d.metadata.generation
+    run(scenario())
+
+
+def test_services_without_selector_keep_user_slices(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            from tests.builders import obj
+            await c.create(service("external", selector={}))
+            await c.create(obj({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                                "metadata": {"name": "external-1", "labels": {"kubernetes.io/service-name": "external"}},
+                                "addressType": "IPv4", "ports": [{"port": 8080}],
+                                "endpoints": [{"addresses": ["10.244.9.9"]}]}))
+            await asyncio.sleep(2)
+            slices, _ = await c.list("EndpointSlice")
+            assert [s.metadata.name for s in slices] == ["external-1"]
+    run(scenario())

@@ -1,0 +1,121 @@
+"""Every refusal names the field and the reason, as Kubernetes words it, and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed.api.errors import ApiError
+from tests.builders import deployment, obj, service
+from tests.conftest import run
+
+NODE_PORT_RANGE = "provided port is not in the valid range. The range of valid ports is 30000-32767"
+
+SERVICE_CASES = [
+    (dict(type="NodePort", ports=[{"port": 80, "nodePort": 40000}]),
+     f"spec.ports[0].nodePort: Invalid value: 40000: {NODE_PORT_RANGE}"),
+    (dict(ports=[{"port": 0}]), "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive"),
+    (dict(ports=[{"port": 70000}]), "spec.ports[0].port: Invalid value: 70000: must be between 1 and 65535"),
+    (dict(ports=[{"port": 80, "protocol": "ICMP"}]),
+     'spec.ports[0].protocol: Unsupported value: "ICMP": supported values: "SCTP", "TCP", "UDP"'),
+    (dict(type="External"), 'spec.type: Unsupported value: "External"'),
+    (dict(ports=[{"port": 80, "nodePort": 30080}]),
+     "spec.ports[0].nodePort: Forbidden: may not be used when `type` is 'ClusterIP'"),
+    (dict(ports=[{"port": 80}, {"port": 81}]), "spec.ports[0].name: Required value"),
+    (dict(ports=[{"name": "a", "port": 80}, {"name": "a", "port": 81}]), 'spec.ports[1].name: Duplicate value: "a"'),
+    (dict(ports=[{"port": 80, "targetPort": "Not_A_Name"}]), 'spec.ports[0].targetPort: Invalid value: "Not_A_Name"'),
+    (dict(ports=[{"port": 80, "targetPort": 0}]), "spec.ports[0].targetPort: Invalid value: 0"),
+    (dict(clusterIP="10.96.0.300"), 'spec.clusterIPs[0]: Invalid value: "10.96.0.300": must be a valid IP address'),
+    (dict(type="NodePort", clusterIP="None"), "spec.clusterIPs[0]: Invalid value: \"None\": may not be set to 'None'"),
+    (dict(externalTrafficPolicy="Local"),
+     'spec.externalTrafficPolicy: Invalid value: "Local": may only be set for externally-accessible services'),
+    (dict(type="NodePort", externalTrafficPolicy="Nearest"), 'spec.externalTrafficPolicy: Unsupported value: "Nearest"'),
+    (dict(sessionAffinity="Cookie"), 'spec.sessionAffinity: Unsupported value: "Cookie"'),
+    (dict(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 0}}),
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds: Invalid value: 0: must be greater than 0"),
+    (dict(type="LoadBalancer", loadBalancerSourceRanges=["300.0.0.0/8"]),
+     'spec.loadBalancerSourceRanges[0]: Invalid value: "300.0.0.0/8"'),
+    (dict(loadBalancerSourceRanges=["10.0.0.0/8"]), "spec.loadBalancerSourceRanges: Forbidden"),
+    (dict(externalIPs=["nope"]), 'spec.externalIPs[0]: Invalid value: "nope": must be a valid IP address'),
+]
+
+
+@pytest.mark.parametrize("spec,message", SERVICE_CASES, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(SERVICE_CASES)])
+def test_invalid_services_are_refused(apiserver, spec, message):
+    async def scenario():
+        async with apiserver.client() as c:
+            _, before = await c.list("Service")
+            ports = spec.pop("ports", None)
+            with pytest.raises(ApiError) as err:
+                await c.create(service("web", ports=ports, **spec))
+            assert err.value.message.startswith('Service "web" is invalid: ')
+            assert message in err.value.message
+            items, after = await c.list("Service")
+            assert after == before and [s.metadata.name for s in items] == ["kubernetes"]
+    run(scenario())
+
+
+@pytest.mark.parametrize("name", ["Web", "1web", "web_1", "-web", "a" * 64])
+def test_service_names_are_dns1035_labels(apiserver, name):
+    async def scenario():
+        async with apiserver.client() as c:
+            with pytest.raises(ApiError, match=f'metadata.name: Invalid value: "{name}": a DNS-1035 label'):
+                await c.create(service(name))
+    run(scenario())
+
+
+def test_several_errors_are_reported_together(apiserver):
+    async def scenario():
+        async with apiserver.client() as c:
+            with pytest.raises(ApiError) as err:
+                await c.create(service("web", ports=[{"port": 0, "targetPort": 80, "protocol": "ICMP"}]))
+            assert err.value.message.startswith('Service "web" is invalid: [')
+            assert "spec.ports[0].port" in err.value.message and "spec.ports[0].protocol" in err.value.message
+    run(scenario())
+
+
+def test_deployment_selector_must_match_template(apiserver):
+    async def scenario():
+        async with apiserver.client() as c:
+            d = deployment("web")
+            d.spec.template.metadata.labels["app"] = "other"
+            with pytest.raises(ApiError, match="spec.template.metadata.labels: Invalid value: .*`selector` does not match template `labels`"):
+                await c.create(d)
+            d = deployment("web", replicas=-1)
+            with pytest.raises(ApiError, match="spec.replicas: Invalid value: -1"):
+                await c.create(d)
+            d = deployment("web")
+            d.spec.template.spec.containers[0].ports[0].container_port = 0
+            with pytest.raises(ApiError, match=r"spec.template.spec.containers\[0\].ports\[0\].containerPort: Invalid value: 0"):
+                await c.create(d)
+            items, _ = await c.list("Deployment")
+            assert items == []
+    run(scenario())
+
+
+def test_invalid_pods_and_slices(apiserver):
+    async def scenario():
+        async with apiserver.client() as c:
+            pod = obj({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}})
+            with pytest.raises(ApiError, match="spec.containers: Required value"):
+                await c.create(pod)
+            eps = obj({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "e"},
+                       "addressType": "IPv6", "endpoints": [{"addresses": ["x"]}]})
+            with pytest.raises(ApiError) as err:
+                await c.create(eps)
+            assert 'addressType: Unsupported value: "IPv6"' in err.value.message
+            assert 'endpoints[0].addresses[0]: Invalid value: "x"' in err.value.message
+    run(scenario())
+
+
+def test_invalid_update_leaves_the_object_as_it_was(apiserver):
+    async def scenario():
+        async with apiserver.client() as c:
+            created = await c.create(service("web", type="NodePort", ports=[{"port": 80, "nodePort": 30007}]))
+            bad = service("web", type="NodePort", ports=[{"port": 80, "nodePort": 40000}])
+            with pytest.raises(ApiError, match="spec.ports\\[0\\].nodePort: Invalid value: 40000"):
+                await c.update(bad)
+            assert await c.get("Service", "web") == created
+            # and 30007 is still held by it
+            with pytest.raises(ApiError, match="provided port is already allocated"):
+                await c.create(service("other", type="NodePort", ports=[{"port": 80, "nodePort": 30007}]))
+    run(scenario())
