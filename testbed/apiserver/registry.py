@@ -32,8 +32,14 @@ class Registry:
         self.node_ports = PortAllocator.parse(node_port_range)
         self._rng = random.Random()
 
+    def rebuild_allocations(self) -> None:
+        """Start the allocators afresh from the store (after a failed commit)."""
+        self.cluster_ips = ClusterIPAllocator(str(self.cluster_ips.network))
+        self.node_ports = PortAllocator(self.node_ports.low, self.node_ports.high)
+        self.load_allocations()
+
     def load_allocations(self) -> None:
-        """Rebuild the allocators from the stored Services (after a restart)."""
+        """Fill the allocators from the stored Services (at start)."""
         for svc in self.store.list("Service"):
             if svc.spec.cluster_ip and svc.spec.cluster_ip != "None":
                 self.cluster_ips.allocate(svc.spec.cluster_ip)

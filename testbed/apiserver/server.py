@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -18,14 +19,16 @@ from testbed.api.selectors import ObjectFilter, SelectorError
 from testbed.api.v1 import api_pb2 as pb
 from testbed.api.errors import ApiError, Expired, Unauthenticated
 from testbed.apiserver.registry import Registry
-from testbed.apiserver.store import BOOKMARK, HistoryExpired, Store, encode_event
+from google.protobuf.message import Message
+
+from testbed.apiserver.store import BOOKMARK, Event, HistoryExpired, Store, encode_event
 from testbed.apiserver.watch import WatcherOverflow, WatchHub
 from testbed.paths import StateDir
 
 log = logging.getLogger("svclab.apiserver")
 
 SERVICE_NAME = "svclab.v1.Api"
-BOOKMARK_INTERVAL = 1.0
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def ensure_token(state: StateDir) -> str:
@@ -49,17 +52,75 @@ class ApiService:
         if not secrets.compare_digest(metadata.get("authorization", ""), f"Bearer {self._token}"):
             raise Unauthenticated("writes need the cluster's bearer token (state directory, file 'token')")
 
-    async def create(self, request: pb.CreateRequest, context) -> pb.Object:
-        self._authorize(context)
-        obj, events = self.registry.create(unwrap(request.object), request.options.dry_run)
+    # ------------------------------------------------------------ writes
+
+    def _apply(self, op: pb.WriteOp) -> tuple[Message, list[Event]]:
+        which = op.WhichOneof("op")
+        if which == "create":
+            return self.registry.create(unwrap(op.create.object), op.create.options.dry_run)
+        if which == "update":
+            req = op.update
+            return self.registry.update(unwrap(req.object), req.subresource, req.options.dry_run)
+        if which == "delete":
+            req = op.delete
+            kind = kind_named(req.key.kind)
+            namespace = (req.key.namespace or "default") if kind.namespaced else ""
+            grace = req.grace_period_seconds if req.HasField("grace_period_seconds") else None
+            return self.registry.delete((kind.name, namespace, req.key.name), grace, req.resource_version)
+        raise ApiError("empty write")
+
+    def write_batch(self, ops: list[pb.WriteOp]) -> list[pb.WriteResult]:
+        """Apply each write on its own, commit them together, then tell the watchers."""
+        results: list[pb.WriteResult] = []
+        events: list[Event] = []
+        try:
+            with self.store.transaction():
+                for op in ops:
+                    try:
+                        obj, op_events = self._apply(op)
+                    except ApiError as exc:
+                        results.append(pb.WriteResult(code=exc.code.value[0], message=exc.message))
+                        continue
+                    except (UnknownKind, SelectorError, ValueError) as exc:
+                        code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                        results.append(pb.WriteResult(code=code, message=str(exc)))
+                        continue
+                    events += op_events
+                    results.append(pb.WriteResult(object=wrap(obj)))
+        except sqlite3.Error as exc:
+            log.error("commit failed: %s", exc)
+            self.registry.rebuild_allocations()
+            raise ApiError(f"storage error: {exc}") from None
         self.hub.publish(events)
-        return wrap(obj)
+        return results
+
+    async def _write_one(self, op: pb.WriteOp, context) -> pb.Object:
+        self._authorize(context)
+        result = self.write_batch([op])[0]
+        if result.code:
+            await context.abort(_CODES[result.code], result.message)
+        return result.object
+
+    async def create(self, request: pb.CreateRequest, context) -> pb.Object:
+        return await self._write_one(pb.WriteOp(create=request), context)
+
+    async def update(self, request: pb.UpdateRequest, context) -> pb.Object:
+        return await self._write_one(pb.WriteOp(update=request), context)
+
+    async def delete(self, request: pb.DeleteRequest, context) -> pb.Object:
+        return await self._write_one(pb.WriteOp(delete=request), context)
+
+    async def write(self, requests, context):
+        self._authorize(context)
+        async for request in requests:
+            yield pb.WriteBatchResponse(results=self.write_batch(list(request.ops)))
+
+    # ------------------------------------------------------------ reads
 
     async def get(self, request: pb.ObjectKey, context) -> pb.Object:
         kind = kind_named(request.kind)
         namespace = (request.namespace or "default") if kind.namespaced else ""
-        obj = self.registry.existing(kind, namespace, request.name)
-        return wrap(obj)
+        return wrap(self.registry.existing(kind, namespace, request.name))
 
     async def list(self, request: pb.ListRequest, context) -> pb.ObjectList:
         kind = kind_named(request.kind)
@@ -69,21 +130,6 @@ class ApiService:
             if filt.matches(kind.name, obj):
                 getattr(out.items.add(), kind.field).CopyFrom(obj)
         return out
-
-    async def update(self, request: pb.UpdateRequest, context) -> pb.Object:
-        self._authorize(context)
-        obj, events = self.registry.update(unwrap(request.object), request.subresource, request.options.dry_run)
-        self.hub.publish(events)
-        return wrap(obj)
-
-    async def delete(self, request: pb.DeleteRequest, context) -> pb.Object:
-        self._authorize(context)
-        kind = kind_named(request.key.kind)
-        namespace = (request.key.namespace or "default") if kind.namespaced else ""
-        grace = request.grace_period_seconds if request.HasField("grace_period_seconds") else None
-        obj, events = self.registry.delete((kind.name, namespace, request.key.name), grace, request.resource_version)
-        self.hub.publish(events)
-        return wrap(obj)
 
     async def watch(self, request: pb.WatchRequest, context):
         kind = kind_named(request.kind).name if request.kind else ""
@@ -112,7 +158,7 @@ class ApiService:
         try:
             while True:
                 try:
-                    batch = await watcher.next_batch(BOOKMARK_INTERVAL)
+                    batch = await watcher.next_batch()
                 except WatcherOverflow:
                     raise ApiError("watcher fell too far behind; resume from the last resourceVersion") from None
                 yield batch if batch is not None else encode_event(BOOKMARK, None, self.store.revision)
@@ -160,6 +206,11 @@ def _handlers(api: ApiService) -> grpc.GenericRpcHandler:
             "Update": unary(api.update, pb.UpdateRequest),
             "Delete": unary(api.delete, pb.DeleteRequest),
             # Watch yields pre-encoded WatchBatch bytes: no per-watcher serialisation.
+            "Write": grpc.stream_stream_rpc_method_handler(
+                _guarded_stream(api.write),
+                request_deserializer=pb.WriteBatchRequest.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            ),
             "Watch": grpc.unary_stream_rpc_method_handler(
                 _guarded_stream(api.watch),
                 request_deserializer=pb.WatchRequest.FromString,
@@ -178,7 +229,8 @@ def _bootstrap(registry: Registry) -> list:
     svc.metadata.labels.update({"component": "apiserver", "provider": "kubernetes"})
     svc.spec.cluster_ip = registry.cluster_ips.nth(1)
     svc.spec.ports.add(name="https", protocol="TCP", port=443).target_port.int_val = 6443
-    _, events = registry.create(svc)
+    with registry.store.transaction():
+        _, events = registry.create(svc)
     return events
 
 
@@ -192,6 +244,7 @@ async def serve(state: StateDir, listen: str, service_cidr: str, node_port_range
     registry.load_allocations()
     _bootstrap(registry)
     hub = WatchHub()
+    bookmarks = asyncio.create_task(hub.run_bookmarks())
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers([_handlers(ApiService(registry, hub, token))])
@@ -213,6 +266,7 @@ async def serve(state: StateDir, listen: str, service_cidr: str, node_port_range
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    bookmarks.cancel()
     await server.stop(grace=1)
     store.close()
     try:

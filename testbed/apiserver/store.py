@@ -10,8 +10,10 @@ with synchronous=NORMAL: a commit is durable against the process being killed
 from __future__ import annotations
 
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from google.protobuf.message import Message
 
@@ -64,6 +66,12 @@ class HistoryExpired(Exception):
 
 
 class Store:
+    """Objects in memory, every change also in SQLite; writes happen inside transaction().
+
+    A transaction commits once for all the writes made in it (group commit);
+    if the commit fails, the in-memory state is rolled back too.
+    """
+
     def __init__(self, path: Path, history_limit: int = 100_000) -> None:
         self._path = path
         self._history_limit = history_limit
@@ -71,6 +79,7 @@ class Store:
         self._objects: dict[Key, Message] = {}
         self.revision = 0
         self.oldest_revision = 0  # events after this revision are retained
+        self._undo: list[tuple[Key, Message | None]] | None = None  # set while a transaction is open
 
     def open(self) -> None:
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -80,10 +89,10 @@ class Store:
         self._db = db
         for kind, namespace, name, data in db.execute("SELECT kind, namespace, name, data FROM objects"):
             self._objects[(kind, namespace, name)] = _decode(kind, data)
-        row = db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
-        self.revision = row[0] if row else 0
         row = db.execute("SELECT value FROM meta WHERE key='compacted'").fetchone()
         self.oldest_revision = row[0] if row else 0
+        row = db.execute("SELECT MAX(revision) FROM events").fetchone()
+        self.revision = max(row[0] or 0, self.oldest_revision)
 
     def close(self) -> None:
         if self._db is not None:
@@ -121,74 +130,74 @@ class Store:
 
     # ------------------------------------------------------------ writes
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        assert self._db is not None and self._undo is None, "transactions do not nest"
+        revision_before = self.revision
+        self._undo = []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._compact()
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            for key, prev in reversed(self._undo):
+                if prev is None:
+                    self._objects.pop(key, None)
+                else:
+                    self._objects[key] = prev
+            self.revision = revision_before
+            raise
+        finally:
+            self._undo = None
+
     def put(self, obj: Message) -> Event:
         """Create or replace an object; stamps and returns it at the new revision."""
         key = _key(obj)
         prev = self._objects.get(key)
-        revision = self.revision + 1
+        revision = self._next_revision()
         obj.metadata.resource_version = str(revision)
         data = obj.SerializeToString()
-        self._write(
-            revision,
-            "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)",
-            (*key, revision, data),
-            ADDED if prev is None else MODIFIED,
-            key[0],
-            data,
-            prev,
-        )
+        db = self._db
+        db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)", (*key, revision, data))
+        event_type = ADDED if prev is None else MODIFIED
+        self._record(revision, event_type, key, data, prev)
         self._objects[key] = obj
-        return Event(revision, ADDED if prev is None else MODIFIED, obj, prev)
+        return Event(revision, event_type, obj, prev)
 
     def delete(self, key: Key) -> Event:
         prev = self._objects[key]
-        revision = self.revision + 1
+        revision = self._next_revision()
         final = type(prev)()
         final.CopyFrom(prev)
         final.metadata.resource_version = str(revision)
-        self._write(
-            revision,
-            "DELETE FROM objects WHERE kind=? AND namespace=? AND name=?",
-            key,
-            DELETED,
-            key[0],
-            final.SerializeToString(),
-            prev,
-        )
+        self._db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", key)
+        self._record(revision, DELETED, key, final.SerializeToString(), prev)
         del self._objects[key]
         return Event(revision, DELETED, final, prev)
 
-    def _write(
-        self,
-        revision: int,
-        sql: str,
-        args: tuple,
-        event_type: str,
-        kind: str,
-        data: bytes,
-        prev: Message | None,
-    ) -> None:
-        assert self._db is not None
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(sql, args)
-            db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                (revision, event_type, kind, data, prev.SerializeToString() if prev is not None else None),
-            )
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('revision', ?)", (revision,))
-            compact_to = revision - self._history_limit
-            if compact_to > self.oldest_revision and revision % 1000 == 0:
-                db.execute("DELETE FROM events WHERE revision <= ?", (compact_to,))
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('compacted', ?)", (compact_to,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self.revision = revision
-        if compact_to > self.oldest_revision and revision % 1000 == 0:
-            self.oldest_revision = compact_to
+    def _next_revision(self) -> int:
+        if self._undo is None:
+            raise RuntimeError("store writes must happen inside Store.transaction()")
+        self.revision += 1
+        return self.revision
+
+    def _record(self, revision: int, event_type: str, key: Key, data: bytes, prev: Message | None) -> None:
+        self._db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+            (revision, event_type, key[0], data, prev.SerializeToString() if prev is not None else None),
+        )
+        self._undo.append((key, prev))
+
+    def _compact(self) -> None:
+        """Drop history older than history_limit revisions (checked every 1,000 revisions)."""
+        compact_to = self.revision - self._history_limit
+        if compact_to - self.oldest_revision < 1000:
+            return
+        self._db.execute("DELETE FROM events WHERE revision <= ?", (compact_to,))
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('compacted', ?)", (compact_to,))
+        self.oldest_revision = compact_to
 
 
 def _key(obj: Message) -> Key:

@@ -97,10 +97,12 @@ def int_or_name_port(path: str, value: pb.IntOrString) -> list[FieldError]:
     return port_number(path, v) if isinstance(v, int) else port_name(path, v)
 
 
+_IPV4 = re.compile(r"^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$")
+
+
 def ip_address(path: str, value: str) -> list[FieldError]:
-    try:
-        ipaddress.IPv4Address(value)
-    except ValueError:
+    # A regex, not ipaddress: this runs for every endpoint of every slice written.
+    if not _IPV4.match(value):
         return [invalid(path, value, "must be a valid IP address, (e.g. 10.9.8.7)")]
     return []
 

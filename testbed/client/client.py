@@ -13,6 +13,7 @@ from testbed.api.errors import ApiError, from_status
 from testbed.api.kinds import kind_named, unwrap, wrap
 from testbed.api.v1 import api_pb2 as pb
 from testbed.api.v1 import api_pb2_grpc
+from testbed.client.pipeline import WritePipeline
 from testbed.paths import StateDir
 
 
@@ -29,6 +30,7 @@ class ApiClient:
         self._token = token
         self._channel: grpc.aio.Channel | None = None
         self._stub: api_pb2_grpc.ApiStub | None = None
+        self._pipeline: WritePipeline | None = None
 
     @classmethod
     def for_state_dir(cls, state: StateDir) -> "ApiClient":
@@ -44,7 +46,16 @@ class ApiClient:
             self._stub = api_pb2_grpc.ApiStub(self._channel)
         return self._stub
 
+    @property
+    def pipeline(self) -> WritePipeline:
+        if self._pipeline is None:
+            self._pipeline = WritePipeline(lambda: self.stub.Write(metadata=self._auth()))
+        return self._pipeline
+
     async def close(self) -> None:
+        if self._pipeline is not None:
+            await self._pipeline.close()
+            self._pipeline = None
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None
@@ -58,9 +69,9 @@ class ApiClient:
     def _auth(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._token}"),) if self._token else ()
 
-    async def _call(self, method, request, *, write: bool = False, timeout: float | None = 30):
+    async def _call(self, method, request, *, timeout: float | None = 30):
         try:
-            return await method(request, metadata=self._auth() if write else None, timeout=timeout)
+            return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_status(exc.code(), exc.details() or str(exc.code())) from None
 
@@ -78,7 +89,7 @@ class ApiClient:
 
     async def create(self, obj: Message, dry_run: bool = False) -> Message:
         request = pb.CreateRequest(object=wrap(obj), options=pb.WriteOptions(dry_run=dry_run))
-        return unwrap(await self._call(self.stub.Create, request, write=True))
+        return unwrap(await self.pipeline.submit(pb.WriteOp(create=request)))
 
     async def get(self, kind: str, name: str, namespace: str = "") -> Message:
         request = pb.ObjectKey(kind=kind_named(kind).name, namespace=namespace, name=name)
@@ -99,7 +110,7 @@ class ApiClient:
         request = pb.UpdateRequest(
             object=wrap(obj), subresource=subresource, options=pb.WriteOptions(dry_run=dry_run)
         )
-        return unwrap(await self._call(self.stub.Update, request, write=True))
+        return unwrap(await self.pipeline.submit(pb.WriteOp(update=request)))
 
     async def update_status(self, obj: Message) -> Message:
         return await self.update(obj, subresource="status")
@@ -110,7 +121,7 @@ class ApiClient:
         request = pb.DeleteRequest(key=pb.ObjectKey(kind=kind_named(kind).name, namespace=namespace, name=name))
         if grace_period is not None:
             request.grace_period_seconds = grace_period
-        return unwrap(await self._call(self.stub.Delete, request, write=True))
+        return unwrap(await self.pipeline.submit(pb.WriteOp(delete=request)))
 
     async def watch(
         self,

@@ -64,6 +64,11 @@ class ApiStub:
                 request_serializer=testbed_dot_api_dot_v1_dot_api__pb2.WatchRequest.SerializeToString,
                 response_deserializer=testbed_dot_api_dot_v1_dot_api__pb2.WatchBatch.FromString,
                 _registered_method=True)
+        self.Write = channel.stream_stream(
+                '/svclab.v1.Api/Write',
+                request_serializer=testbed_dot_api_dot_v1_dot_api__pb2.WriteBatchRequest.SerializeToString,
+                response_deserializer=testbed_dot_api_dot_v1_dot_api__pb2.WriteBatchResponse.FromString,
+                _registered_method=True)
 
 
 class ApiServicer:
@@ -105,6 +110,12 @@ class ApiServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Write(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ApiServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_ApiServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=testbed_dot_api_dot_v1_dot_api__pb2.WatchRequest.FromString,
                     response_serializer=testbed_dot_api_dot_v1_dot_api__pb2.WatchBatch.SerializeToString,
+            ),
+            'Write': grpc.stream_stream_rpc_method_handler(
+                    servicer.Write,
+                    request_deserializer=testbed_dot_api_dot_v1_dot_api__pb2.WriteBatchRequest.FromString,
+                    response_serializer=testbed_dot_api_dot_v1_dot_api__pb2.WriteBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Api:
             '/svclab.v1.Api/Watch',
             testbed_dot_api_dot_v1_dot_api__pb2.WatchRequest.SerializeToString,
             testbed_dot_api_dot_v1_dot_api__pb2.WatchBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Write(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/svclab.v1.Api/Write',
+            testbed_dot_api_dot_v1_dot_api__pb2.WriteBatchRequest.SerializeToString,
+            testbed_dot_api_dot_v1_dot_api__pb2.WriteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

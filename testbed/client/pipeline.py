@@ -1,0 +1,94 @@
+"""The client end of the write pipeline: concurrent writes share one stream.
+
+Writes queued while a batch is being sent travel together in the next
+message, so a busy client pays the per-message cost of gRPC once per batch
+instead of once per write. Each write still gets its own result. A write in
+flight when the stream breaks fails (it may or may not have been applied, as
+with a unary call that loses its connection); writes not yet sent go out on
+the next stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import grpc
+
+from testbed.api.errors import ApiError, from_status
+from testbed.api.v1 import api_pb2 as pb
+
+MAX_BATCH = 512
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class WritePipeline:
+    def __init__(self, open_stream) -> None:
+        self._open_stream = open_stream  # () -> a stream-stream call
+        self._queued: deque[tuple[pb.WriteOp, asyncio.Future]] = deque()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task | None = None
+
+    async def submit(self, op: pb.WriteOp, timeout: float | None = 30) -> pb.Object:
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((op, future))
+        self._wake.set()
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_loop())
+        result: pb.WriteResult = await asyncio.wait_for(asyncio.shield(future), timeout)
+        if result.code:
+            raise from_status(_CODES[result.code], result.message)
+        return result.object
+
+    async def _send_loop(self) -> None:
+        while self._queued:
+            call = self._open_stream()
+            in_flight: deque[list[asyncio.Future]] = deque()
+            reader = asyncio.create_task(self._read(call, in_flight))
+            try:
+                while not reader.done():
+                    if not self._queued:
+                        self._wake.clear()
+                        waiter = asyncio.create_task(self._wake.wait())
+                        await asyncio.wait([waiter, reader], return_when=asyncio.FIRST_COMPLETED)
+                        waiter.cancel()
+                        continue
+                    batch = [self._queued.popleft() for _ in range(min(len(self._queued), MAX_BATCH))]
+                    in_flight.append([future for _, future in batch])
+                    await call.write(pb.WriteBatchRequest(ops=[op for op, _ in batch]))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                pass
+            finally:
+                error = await self._finish(call, reader)
+                for futures in in_flight:
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(error)
+            if self._queued:
+                await asyncio.sleep(0.05)  # the stream broke; don't spin while the server is away
+
+    async def _read(self, call, in_flight: deque[list[asyncio.Future]]) -> None:
+        async for response in call:
+            futures = in_flight.popleft()
+            for future, result in zip(futures, response.results):
+                if not future.done():
+                    future.set_result(result)
+
+    @staticmethod
+    async def _finish(call, reader: asyncio.Task) -> ApiError:
+        call.cancel()
+        try:
+            await reader
+        except grpc.aio.AioRpcError as exc:
+            return from_status(exc.code(), exc.details() or str(exc.code()))
+        except asyncio.CancelledError:
+            pass
+        return from_status(grpc.StatusCode.UNAVAILABLE, "write stream closed before the server answered")
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            try:
+                await self._sender
+            except (asyncio.CancelledError, Exception):
+                pass
