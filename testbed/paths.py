@@ -9,13 +9,15 @@ from pathlib import Path
 
 DEFAULT_CLUSTER = "svclab"
 DEFAULT_STATE_ROOT = Path("/var/lib/svclab")
-_NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")  # short: it prefixes interface names (15 chars max)
+# Short and without '-': it prefixes bridge and interface names (15 characters at
+# most) and is separated from the rest of them by '-'.
+_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 
 
 def check_cluster_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(
-            f"invalid cluster name {name!r}: use 1-16 lower-case letters, digits or '-', starting with a letter"
+            f"invalid cluster name {name!r}: use 1-8 lower-case letters or digits, starting with a letter"
         )
     return name
 

@@ -76,13 +76,17 @@ class WritePipeline:
 
     @staticmethod
     async def _finish(call, reader: asyncio.Task) -> ApiError:
-        call.cancel()
+        """The stream's end: the server's status (e.g. UNAUTHENTICATED) if it sent one."""
         try:
-            await reader
+            # The reader ends with the server's status; cancelling first would hide it.
+            await asyncio.wait_for(asyncio.shield(reader), 1.0)
         except grpc.aio.AioRpcError as exc:
             return from_status(exc.code(), exc.details() or str(exc.code()))
-        except asyncio.CancelledError:
+        except (asyncio.TimeoutError, asyncio.CancelledError):
             pass
+        finally:
+            call.cancel()
+            reader.cancel()
         return from_status(grpc.StatusCode.UNAVAILABLE, "write stream closed before the server answered")
 
     async def close(self) -> None:

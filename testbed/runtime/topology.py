@@ -2,79 +2,97 @@
 
 Layout (``c`` is the cluster name, 1-8 characters ``[a-z][a-z0-9]*``)::
 
-    node1 .. nodeN ---- bridge "c-nodes" ---- gw ---- bridge "c-edge" ---- client
-      node subnet (172.18.0.0/16)           (router)    external subnet (203.0.113.0/24)
-      gw = .1, node i = .(i+1)                          gw = .1, client = .2
+    node1 .. nodeN ---- bridge c-nodes ---- gw ---- bridge c-edge ---- client
+    node subnet (default 172.18.0.0/16)   (router)  external subnet (default 203.0.113.0/24)
+    gw = .1, node i = .(i+1)                        gw = .1, client = .2
 
 * Nodes, the router ``gw`` and the ``client`` are Mininet hosts: a ``bash`` in a network
   namespace of its own. ``gw`` forwards (``ip_forward=1`` inside its own namespace only);
-  the client has a route to the node subnet via gw, the nodes a route to the external
-  subnet via gw. No default route, no NAT and no link to the root namespace's networking
-  anywhere.
-* Both bridges are OVS bridges in ``fail_mode=standalone`` (normal L2 learning), no
-  controller. A later issue attaches an OpenFlow controller to the edge bridge. The
-  datapath is the kernel one when the ``openvswitch`` kernel module is there, else the
-  userspace one (``datapath_type=netdev``), which needs TX checksum offload off on the
-  veths (see ``TX_OFF_ENDS``).
+  the client has a route to the node subnet via gw, the nodes one to the external subnet
+  via gw. No default route, no NAT, no link to the root namespace's networking anywhere.
+* Both bridges are OVS bridges in ``fail_mode=standalone`` (normal L2 learning) with no
+  controller; a later issue attaches an OpenFlow controller to ``c-edge``. The datapath is
+  the kernel one when the openvswitch kernel module is there (``/sys/module/openvswitch``
+  or the ``ovs_datapath`` generic-netlink family), else the userspace one
+  (``datapath_type=netdev``).
+* Userspace datapath: OVS reads and writes the bridge ports with packet sockets and never
+  completes checksums, so a TCP/UDP packet sent with TX checksum offload on arrives with a
+  bad checksum and is dropped (TCP hangs, ping works). What matters is the host-side end
+  (``eth0``/``eth1`` in each host, i.e. every sender, both directions of a connection);
+  the switch-side end makes no difference (measured: host-only works, switch-only hangs).
+  gw's own ends matter only for traffic gw itself terminates, not for forwarded packets.
+  Packets a node will forward for its pods should be fine too (untested here): a device
+  without TX checksum offload completes a CHECKSUM_PARTIAL packet in software on transmit.
+  See ``TX_OFF_ENDS``.
 
-Naming scheme (everything derives from the cluster name, so two clusters never collide
-and ``clean()`` can find leftovers without the state record). The cluster name cannot
-contain ``-``, so the ``c-`` prefix is unambiguous: cluster ``a`` owns ``a-*``, never
-``ab-*``. Every name in the root namespace is at most 8 + 7 = 15 characters.
+Naming scheme. Everything derives from the cluster name, so two clusters never collide and
+``clean()`` finds leftovers without the state record. Cluster names cannot contain ``-``,
+so the ``c-`` prefix is unambiguous (cluster ``a`` owns ``a-*``, never ``ab-*``), and the
+discovery patterns are anchored, exact shapes (``Names.*_re``). Names in the root
+namespace are at most 8 + 6 = 14 characters (IFNAMSIZ allows 15).
 
-=====================  ==========================  ===============================
-what                   name                        where
-=====================  ==========================  ===============================
-Mininet host name      ``c-node<i>``, ``c-client``,  (also the named netns)
-                       ``c-gw``
-named netns            ``/run/netns/c-<host>``       bind mount of the host's netns
-OVS bridges            ``c-nodes``, ``c-edge``       root ns (OVS also makes a device
-                                                    of that name)
-bridge ports (veth,    ``c-n<i>`` (node i),          root ns
-switch side)           ``c-ngw`` (gw on c-nodes),
-                       ``c-ecl`` (client),
-                       ``c-egw`` (gw on c-edge)
-host-side veths        ``eth0`` (nodes, client,      inside the host's namespace
-                       gw's leg on c-nodes),         only: never in the root ns
-                       ``eth1`` (gw's leg on c-edge)
-Mininet shells         ``bash --norc --noediting     processes, found by exact argv
-                       -is mininet:<mininet name>``
-state record           ``<state_dir>/network-c.json``
-=====================  ==========================  ===============================
+* Mininet host names = named netns: ``c-node<i>``, ``c-client``, ``c-gw``, bind mounts
+  ``/run/netns/c-<host>`` of the host shells' namespaces (``ip netns exec c-node1 ...``).
+  The API uses the short names ``node<i>``, ``client``, ``gw``.
+* OVS bridges (root ns; OVS also makes a device of the same name): ``c-nodes``, ``c-edge``.
+* Bridge ports = switch-side veth ends (root ns): ``c-n<i>`` (node i), ``c-ngw`` (gw on
+  c-nodes), ``c-ecl`` (client on c-edge), ``c-egw`` (gw on c-edge).
+* Host-side veth ends: ``eth0`` (nodes, client, gw's leg on c-nodes) and ``eth1`` (gw's
+  leg on c-edge). They are created directly inside the host namespace: never in the root
+  namespace, not even for an instant.
+* Mininet shells: ``bash --norc --noediting -is mininet:<Mininet name>`` (hosts and the two
+  bridges; the bridges' shells run in the root namespace).
+* OpenFlow ports: on c-nodes node i is port i and gw port 1000; on c-edge gw is port 1 and
+  the client port 2. Datapath ids: first 16 hex digits of sha256(bridge name).
+* State record: ``<state_dir>/network-c.json``. Lock: ``/run/lock/svclab-net-c.lock``
+  (flock held while the network exists; the kernel drops it when the holder dies).
 
-OpenFlow port numbers are fixed: on ``c-nodes`` node i is port i and gw is port 1000; on
-``c-edge`` gw is port 1 and the client port 2. Datapath ids are derived from the bridge
-names (``dpids``).
-
-The switch-side veth ends live in the root namespace; they get ``addrgenmode none`` (no
-IPv6 link-local, so the root namespace sends nothing into the testbed) and ``arp off``
-(the root namespace never answers ARP from the testbed) before they come up.
+Isolation from the root namespace: the switch-side ends get ``addrgenmode none`` (no IPv6
+link-local, so the root namespace sends nothing into the testbed) and ``arp off`` (it never
+answers ARP from the testbed) before they come up. With the userspace datapath the root
+namespace's stack still *receives* the frames of its ports (OVS taps them with packet
+sockets); with no address on them it ignores them. OVS itself adds one shared device,
+``ovs-netdev``, for all userspace bridges: it is OVS's, and nothing here touches it.
 
 Crash safety: ``start()`` writes the record (every name it is about to create) before it
 creates anything and adds each shell pid as soon as the shell exists. ``clean(name,
-state_dir)`` removes everything of one cluster after its creator died (``kill -9``),
-using the record and, in addition, discovery by the naming scheme above; it is
-idempotent. ``clean`` never uses Mininet's own cleanup (``mn -c``), which deletes every
-OVS bridge on the machine and kills processes by name.
+state_dir)`` removes everything of one cluster after its creator died (``kill -9``), from
+the record and, in any case, by the naming scheme: OVS bridges by exact name (``ovs-vsctl
+--if-exists del-br``), Mininet shells by recorded pid only while their argv still is that
+shell's, any other process still inside the cluster's namespaces, the netns mounts, then
+root-namespace interfaces by exact name. It is idempotent and never uses Mininet's own
+cleanup (``mn -c``: deletes every OVS bridge on the machine, kills processes by name).
 
-Mininet side effects that this module neutralises:
+Mininet hazards, and what this module does about them:
 
-* ``Mininet()`` runs ``Mininet.init()`` -> ``fixLimits()``, which rewrites root-namespace
-  and global sysctls (``net.ipv4.tcp_rmem``/``tcp_wmem`` unconditionally,
-  ``net.core.{r,w}mem_max``, ``netdev_max_backlog``, neighbour ``gc_thresh*``,
-  ``route.max_size``, ``fs.file-max``, ``kernel.pty.max``). We raise our own process's
-  rlimits instead and mark Mininet as initialised, so it never runs.
+* ``Mininet()`` runs ``Mininet.init()`` -> ``fixLimits()``, which writes root-namespace and
+  global sysctls (``net.ipv4.tcp_rmem``/``tcp_wmem`` unconditionally,
+  ``net.core.{r,w}mem_max``, ``netdev_max_backlog``, ``neigh.default.gc_thresh*``,
+  ``route.max_size``, ``fs.file-max``, ``kernel.pty.max``). We raise only our own process's
+  rlimits and mark Mininet initialised, so it never runs.
 * Importing ``mininet.log`` calls ``logging.setLoggerClass(MininetLogger)``: every logger
-  created later in the process would get its own stderr handler. We restore the previous
-  logger class right after the import.
-* ``OVSSwitch.setup()`` and ``ensureRoot()`` call ``sys.exit(1)`` on failure; we check
-  root and ovsdb first and raise instead.
+  made later in the process would get its own stderr handler. We restore the class.
+* ``ensureRoot()`` and ``OVSSwitch.setup()`` call ``sys.exit(1)``; we check root and ovsdb
+  first and raise instead.
+* Not used here, and not to be used by callers: ``Mininet.iperf()`` runs ``killall -9
+  iperf`` (machine-wide: pids are not namespaced), terms (``makeTerms``/``stopXterms``)
+  run ``pkill -9 -f mnexec.*socat``, ``addNAT()``/``nodelib.NAT`` flush the root
+  iptables and set its ip_forward, ``LinuxBridge`` sets ``bridge-nf-call-*``,
+  ``CPULimitedHost`` mounts cgroups, the default controller writes ``/tmp/c0.log``.
+  ``Node.popen(..., shell=True)`` needs ``$SHELL``.
+* Left as is (harmless): each switch's ``Intf('lo')`` runs ``ifconfig lo up`` in the root
+  namespace (a no-op: lo is up), and ``OVSSwitch.start`` puts ``--if-exists del-br <own
+  name>`` before ``add-br`` (own names only; start() refuses when they exist).
+* ``Mininet.stop()`` is not used: it costs two shell round trips per link. ``stop()``
+  deletes the bridges, hangs up the shells, unmounts the namespaces (the kernel removes
+  their veth pairs in one batch) and deletes by name whatever is left.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -87,6 +105,7 @@ import socket
 import struct
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -95,13 +114,14 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LEN = 8
 MAX_NODES = 999
-IFNAMSIZ = 15
 NETNS_DIR = Path("/run/netns")
+LOCK_DIR = Path("/run/lock")
 RECORD_VERSION = 1
 
 #: Which veth ends get ``ethtool -K <dev> tx off`` on a userspace-datapath bridge:
 #: "host" = the end inside the host namespace (eth0/eth1), "switch" = the bridge port in
-#: the root namespace. Measured here: only the host end matters (see the tests).
+#: the root namespace. Measured on this machine: TCP works with "host" alone and hangs
+#: with "switch" alone; the test suite checks TCP node->node and client->node via gw.
 TX_OFF_ENDS: tuple[str, ...] = ("host",)
 
 _CLUSTER_NAME = re.compile(r"^[a-z][a-z0-9]{0,%d}$" % (MAX_NAME_LEN - 1))
@@ -257,20 +277,20 @@ class Names:
     # patterns for discovery without a record -------------------------------------------------
     @staticmethod
     def bridge_re(cluster: str) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(cluster)}-(nodes|edge)$")
+        return re.compile(rf"^{re.escape(cluster)}-(nodes|edge)\Z")
 
     @staticmethod
     def root_ifname_re(cluster: str) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(cluster)}-(nodes|edge|n[0-9]+|ngw|ecl|egw)$")
+        return re.compile(rf"^{re.escape(cluster)}-(nodes|edge|n[0-9]+|ngw|ecl|egw)\Z")
 
     @staticmethod
     def netns_re(cluster: str) -> re.Pattern[str]:
-        return re.compile(rf"^{re.escape(cluster)}-(node[0-9]+|client|gw)$")
+        return re.compile(rf"^{re.escape(cluster)}-(node[0-9]+|client|gw)\Z")
 
     @staticmethod
     def shell_name_re(cluster: str) -> re.Pattern[str]:
         """Mininet node names of the cluster (hosts and switches)."""
-        return re.compile(rf"^{re.escape(cluster)}-(node[0-9]+|client|gw|nodes|edge)$")
+        return re.compile(rf"^{re.escape(cluster)}-(node[0-9]+|client|gw|nodes|edge)\Z")
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,15 +318,6 @@ def _umount_and_remove(path: Path) -> bool:
     except FileNotFoundError:
         pass
     return found
-
-
-def _is_mountpoint(path: Path) -> bool:
-    target = str(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == target for line in f)
-    except OSError:
-        return False
 
 
 def _ns_inode(path: str) -> int | None:
@@ -340,8 +351,22 @@ def _starttime(pid: int) -> int | None:
 
 
 def _is_mininet_shell(pid: int, node_name: str) -> bool:
-    """Does pid still run Mininet's shell for node_name (``bash ... -is mininet:<name>``)?"""
-    return _cmdline(pid) == _SHELL_ARGV + ["mininet:" + node_name]
+    """Does pid still run Mininet's shell for node_name?
+
+    Mininet starts ``mnexec -cd[n] env PS1=<DEL> bash --norc --noediting -is mininet:<name>``;
+    mnexec and env exec, so the pid shows the bash argv (or, for an instant, one of the
+    two launchers in front of it).
+    """
+    argv = _cmdline(pid)
+    tail = _SHELL_ARGV + ["mininet:" + node_name]
+    if argv == tail:
+        return True
+    if argv[-len(tail):] != tail:
+        return False
+    head = argv[: -len(tail)]
+    if head[-2:] == ["env", "PS1=\x7f"]:
+        head = head[:-2]
+    return head == [] or (len(head) == 2 and head[0] == "mnexec" and re.fullmatch(r"-[a-z]+", head[1]) is not None)
 
 
 def _mininet_shells(cluster: str) -> dict[str, int]:
@@ -465,6 +490,31 @@ def detect_datapath() -> str:
 # Leftovers and clean
 
 
+def lock_path(cluster: str) -> Path:
+    """Machine-wide lock of one cluster name, held (flock) while its network exists."""
+    return LOCK_DIR / f"svclab-net-{cluster}.lock"
+
+
+def _try_lock(cluster: str) -> int | None:
+    """Take the cluster name's lock without waiting: an fd, or None if someone holds it."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path(cluster), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release_lock(cluster: str, fd: int) -> None:
+    try:
+        lock_path(cluster).unlink()
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
 def record_path(state_dir: Path, cluster: str) -> Path:
     return Path(state_dir) / f"network-{cluster}.json"
 
@@ -542,6 +592,9 @@ def _teardown(
     interfaces = sorted({i for i in rec.get("root_interfaces", []) if ifre.match(i)} | set(found.interfaces))
     netns = sorted({n for n in rec.get("netns", {}).values() if nsre.match(n)} | set(found.netns))
 
+    present = _root_interfaces()
+    existed = [i for i in interfaces if i in present]
+
     # 1. OVS bridges, by exact name
     if bridges:
         argv = ["ovs-vsctl", "-t", "10"]
@@ -559,7 +612,7 @@ def _teardown(
     # 2. processes
     root_ino = _ns_inode("/proc/self/ns/net")
     inodes = {ino for ino in (_ns_inode(str(NETNS_DIR / n)) for n in netns) if ino is not None}
-    shells: list[int] = []
+    shells: dict[int, str] = {}  # pid -> Mininet node name
     for name, info in rec.get("pids", {}).items():
         pid = info.get("pid") if isinstance(info, dict) else None
         if not isinstance(pid, int) or not shre.match(name) or not _is_mininet_shell(pid, name):
@@ -567,8 +620,9 @@ def _teardown(
         started = info.get("starttime")
         if started is not None and _starttime(pid) != started:
             continue
-        shells.append(pid)
-    shells.extend(pid for pid in found.shells.values() if pid not in shells)
+        shells[pid] = name
+    for name, pid in found.shells.items():
+        shells.setdefault(pid, name)
     for pid in shells:  # host shells' namespaces are ours even without a mount
         ino = _ns_inode(f"/proc/{pid}/ns/net")
         if ino is not None:
@@ -579,8 +633,9 @@ def _teardown(
             terminate()
         except Exception as exc:  # best effort: the sweep below catches what is left
             log.warning("terminating Mininet nodes of %s: %s", cluster, exc)
-    for pid in shells:
-        if _kill(pid, group=True):
+    for pid, name in shells.items():
+        # check again: terminate() may have ended (and reaped) it, and pids get reused
+        if _is_mininet_shell(pid, name) and _kill(pid, group=True):
             result.killed.append(pid)
     for pid in _processes_in_netns(inodes) if inodes else []:
         if _kill(pid):
@@ -609,7 +664,8 @@ def _teardown(
         for i in doomed:
             if i in present:
                 log.warning("could not delete interface %s", i)
-    result.interfaces = [i for i in interfaces if i not in _root_interfaces()]
+    present = _root_interfaces()
+    result.interfaces = [i for i in existed if i not in present]
 
     # 5. the record itself
     if state_file is not None:
@@ -629,7 +685,15 @@ def clean(cluster_name: str, state_dir: Path) -> CleanResult:
     """
     validate_cluster_name(cluster_name)
     state_file = record_path(Path(state_dir), cluster_name)
-    result = _teardown(cluster_name, _load_record(state_file), state_file)
+    fd = _try_lock(cluster_name)
+    if fd is None:
+        log.warning("cluster %s: its creating process still holds %s (hung?); cleaning anyway",
+                    cluster_name, lock_path(cluster_name))
+    try:
+        result = _teardown(cluster_name, _load_record(state_file), state_file)
+    finally:
+        if fd is not None:
+            _release_lock(cluster_name, fd)
     if result.killed or result.bridges or result.interfaces or result.netns:
         log.info(
             "cleaned cluster %s: killed %s, bridges %s, interfaces %s, netns %s",
@@ -710,6 +774,7 @@ class ClusterNetwork:
         self._switches: dict[str, Any] = {}
         self._record: dict[str, Any] | None = None
         self._datapath: str | None = None
+        self._lock_fd: int | None = None
         self.timings: dict[str, float] = {}
 
     # ---- description ----------------------------------------------------------------------
@@ -787,6 +852,13 @@ class ClusterNetwork:
         self._check_host(short)
         return self._hosts[short]
 
+    @property
+    def mininet(self):
+        """The Mininet object, for Mininet's CLI."""
+        if self._net is None:
+            raise RuntimeError(f"cluster network {self.name} is not running")
+        return self._net
+
     def _check_host(self, host: str) -> None:
         if host not in self.names.hosts:
             raise KeyError(f"no host {host!r} in cluster {self.name} (hosts: {', '.join(self.names.hosts)})")
@@ -822,38 +894,49 @@ class ClusterNetwork:
                 "Open vSwitch is not running (ovs-vsctl show fails); start it with "
                 "/usr/share/openvswitch/scripts/ovs-ctl start --system-id=random"
             )
+        # The lock makes the check below race-free against another start() of the same name
+        # (whose resources a rollback here would otherwise tear down); the kernel drops it
+        # when the holder dies, kill -9 included.
+        fd = _try_lock(self.name)
+        if fd is None:
+            raise ClusterExistsError(
+                f"cluster network {self.name!r} is running in another process ({lock_path(self.name)} is locked)"
+            )
         leftovers = find_leftovers(self.name)
         if leftovers or self.state_file.exists():
+            os.close(fd)
             raise ClusterExistsError(
                 f"cluster network {self.name!r} already exists or left debris ({leftovers}, record "
                 f"{self.state_file} {'present' if self.state_file.exists() else 'absent'}); "
                 f"run clean({self.name!r}, state_dir) if it is dead"
             )
-        datapath = self.config.datapath or detect_datapath()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        n = self.names
-        self._record = {
-            "version": RECORD_VERSION,
-            "cluster": self.name,
-            "state": "starting",
-            "creator_pid": os.getpid(),
-            "created": time.time(),
-            "datapath": datapath,
-            "nodes": self.config.nodes,
-            "node_subnet": str(self.config.node_subnet),
-            "external_subnet": str(self.config.external_subnet),
-            "bridges": n.bridges,
-            "root_interfaces": n.ports + n.bridges,
-            "netns": {h: n.netns(h) for h in n.hosts},
-            "mounts": [str(n.mount(h)) for h in n.hosts],
-            "pids": {},
-        }
-        self._save_record()  # before anything exists
+        self._lock_fd = fd
         try:
+            datapath = self.config.datapath or detect_datapath()
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            n = self.names
+            self._record = {
+                "version": RECORD_VERSION,
+                "cluster": self.name,
+                "state": "starting",
+                "creator_pid": os.getpid(),
+                "created": time.time(),
+                "datapath": datapath,
+                "nodes": self.config.nodes,
+                "node_subnet": str(self.config.node_subnet),
+                "external_subnet": str(self.config.external_subnet),
+                "bridges": n.bridges,
+                "root_interfaces": n.ports + n.bridges,
+                "netns": {h: n.netns(h) for h in n.hosts},
+                "mounts": [str(n.mount(h)) for h in n.hosts],
+                "lock": str(lock_path(self.name)),
+                "pids": {},
+            }
+            self._save_record()  # before anything exists
             self._build(datapath)
         except BaseException:
             log.exception("starting cluster network %s failed; tearing down", self.name)
-            self._teardown_all()
+            self._teardown_all()  # we hold the name's lock and found no debris: all of it is ours
             raise
         self._datapath = datapath
         self._record["state"] = "running"
@@ -933,7 +1016,9 @@ class ClusterNetwork:
             out = nodes_sw.cmd(script)
             if "__ok__" not in out:
                 raise RuntimeError(f"ethtool on bridge ports failed: {out.strip()}")
-        net.start()  # ovs-vsctl add-br + ports, one transaction per bridge
+        with warnings.catch_warnings():  # Mininet compares OVS versions with distutils
+            warnings.simplefilter("ignore", DeprecationWarning)
+            net.start()  # ovs-vsctl add-br + ports, one transaction per bridge
 
     def stop(self) -> None:
         """Tear down everything start() made; safe to call more than once."""
@@ -964,6 +1049,11 @@ class ClusterNetwork:
 
         self._hosts.clear()
         self._switches.clear()
-        _teardown(self.name, self._record, self.state_file, terminate if net is not None else None)
-        self._record = None
-        self._datapath = None
+        try:
+            _teardown(self.name, self._record, self.state_file, terminate if net is not None else None)
+        finally:
+            self._record = None
+            self._datapath = None
+            if self._lock_fd is not None:
+                _release_lock(self.name, self._lock_fd)
+                self._lock_fd = None
