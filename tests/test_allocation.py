@@ -8,10 +8,10 @@ import pytest
 
 from testbed.api.errors import ApiError, RangeFull
 from tests.builders import service
-from tests.conftest import run
+from tests.conftest import REPO, run
 from testbed.manifests import load_paths
 
-SEED = "/work/shared/seed/manifests"
+SEED = str(REPO / "scenarios/manifests/seed")
 
 
 def test_cluster_ips_come_from_the_cidr_and_requests_are_honoured(apiserver):

@@ -6,7 +6,9 @@ import json
 
 import yaml
 
-SEED = "/work/shared/seed/manifests"
+from tests.conftest import REPO
+
+SEED = str(REPO / "scenarios/manifests/seed")
 
 
 def test_apply_get_and_json_of_the_seed_manifests(apiserver):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import click
 
 from testbed.api.errors import ApiError
 from testbed.client.client import ApiClient
+from testbed.runtime.config import parse_duration
 from testbed.paths import DEFAULT_STATE_ROOT, StateDir, check_cluster_name
 
 T = TypeVar("T")
@@ -67,21 +67,11 @@ def pass_target(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.pass_obj(fn)
 
 
-def parse_duration(text: str) -> float:
-    """Go-style durations as Kubernetes flags take them: 500ms, 5s, 1m, 1m30s; a bare number is seconds."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise click.BadParameter(f"invalid duration {text!r} (e.g. 500ms, 5s, 1m)")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
 class Duration(click.ParamType):
     name = "duration"
 
     def convert(self, value, param, ctx):
-        return value if isinstance(value, float) else parse_duration(str(value))
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from testbed.cli import components, objects
+from testbed.cli import cluster_cmds, components, objects
 from testbed.cli.common import make_target
 from testbed.paths import cluster_from_env
 
@@ -24,5 +24,7 @@ def cli(ctx: click.Context, name: str | None, state_dir: Path | None, state_root
 
 
 for command in (objects.apply, objects.get, objects.describe_cmd, objects.delete, objects.scale,
-                components.apiserver, components.controller_manager):
+                components.apiserver, components.controller_manager,
+                cluster_cmds.up, cluster_cmds.demo, cluster_cmds.down, cluster_cmds.clean_cmd, cluster_cmds.exec_cmd,
+                cluster_cmds.kubelet):
     cli.add_command(command)

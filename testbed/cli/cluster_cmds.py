@@ -1,0 +1,235 @@
+"""Cluster lifecycle verbs: up, down, clean, exec; and the kubelet component."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from testbed.cli.common import Duration, Target, fail, pass_target, run_with_client
+from testbed.cli.printers import service_external_ip
+from testbed.runtime.config import PROXY_MODES, ClusterConfig, ConfigError
+
+READY_FILE = "ready"
+
+
+@click.command()
+@click.option("--nodes", type=int, default=None, help="Number of nodes (default 3).")
+@click.option("--proxy-mode", type=click.Choice(PROXY_MODES), default=None, help="kube-proxy mode (default iptables).")
+@click.option("-f", "--filename", "files", multiple=True, help="Manifests to apply once the cluster is up.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Cluster config YAML (nodes, subnets, proxy mode, ...).")
+@click.option("--detach", is_flag=True, help="Return once the cluster serves; stop it with `svclab down`.")
+@click.option("--timeout", type=Duration(), default="120s", show_default=True)
+@click.pass_context
+def up(ctx: click.Context, nodes: int | None, proxy_mode: str | None, files: tuple[str, ...],
+       config_file: Path | None, detach: bool, timeout: float) -> None:
+    """Build a cluster: Mininet nodes, API server, controllers, kubelets; then apply -f manifests."""
+    target: Target = ctx.obj
+    name_given = ctx.parent.params.get("name") is not None or "SVCLAB_CLUSTER" in os.environ
+    try:
+        config = ClusterConfig.from_file(config_file) if config_file else ClusterConfig()
+        config = config.with_overrides(nodes=nodes, proxy_mode=proxy_mode,
+                                       name=target.name if name_given or not config_file else None)
+    except ConfigError as exc:
+        fail(f"invalid cluster config: {exc}")
+    if os.geteuid() != 0:
+        fail("svclab up needs root (network namespaces, Open vSwitch)")
+    if config.name != target.name:
+        from testbed.cli.common import make_target
+        target = make_target(config.name, None, target.state.path.parent)
+    from testbed.manifests import ManifestInvalid, load_paths
+    try:
+        manifests = load_paths(list(files)).objects if files else []
+    except ManifestInvalid as exc:
+        fail(str(exc))
+    if detach:
+        argv = ["up", *(["--nodes", str(nodes)] if nodes else []), *(["--proxy-mode", proxy_mode] if proxy_mode else []),
+                *(["--config", str(config_file.resolve())] if config_file else []), "--timeout", str(timeout)]
+        for f in files:
+            argv += ["-f", f if f == "-" else str(Path(f).resolve())]
+        _up_detached(target, argv)
+        return
+    _up_foreground(config, target, manifests, timeout, interactive=sys.stdin.isatty())
+
+
+def _up_foreground(config: ClusterConfig, target: Target, manifests, timeout: float, interactive: bool) -> None:
+    from testbed.runtime.cluster import Cluster, ClusterError
+
+    cluster = Cluster(config, target.state, progress=lambda line: click.echo(line, err=True))
+    click.echo(f"Creating cluster \"{config.name}\" ...", err=True)
+    try:
+        summary = cluster.start(manifests, timeout=timeout)
+    except ClusterError as exc:
+        fail(str(exc))
+    click.echo(_summary_text(config, summary))
+    stop = {"now": False}
+
+    def request_stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    cluster.processes.record("up", os.getpid())  # what `svclab down` signals
+    try:
+        ready_file = os.environ.get("SVCLAB_READY_FILE")
+        if ready_file:  # a detached `svclab up` waits for this
+            Path(ready_file).touch()
+        if interactive:
+            from testbed.runtime.shell import ClusterShell
+            ClusterShell(cluster).run()
+        else:
+            while not stop["now"]:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        click.echo(f"Deleting cluster \"{config.name}\" ...", err=True)
+        cluster.stop()
+
+
+def _up_detached(target: Target, up_argv: list[str]) -> None:
+    """Run `svclab up` (in the foreground, non-interactive) in its own session; return once it serves."""
+    import subprocess
+
+    argv = ["--name", target.name, "--state-root", str(target.state.path.parent), *up_argv]
+    log_dir = target.state.path.parent
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{target.name}-up.log"
+    ready = log_dir / f"{target.name}.{READY_FILE}"
+    ready.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "testbed", *argv], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "SVCLAB_READY_FILE": str(ready)})
+    shown = 0
+    while not ready.exists():
+        text = log_path.read_text(errors="replace")
+        sys.stderr.write(text[shown:])
+        shown = len(text)
+        if proc.poll() is not None:
+            fail(f"svclab up failed (exit {proc.returncode}); full log: {log_path}")
+        time.sleep(0.1)
+    text = log_path.read_text(errors="replace")
+    sys.stderr.write(text[shown:])
+    ready.unlink(missing_ok=True)
+
+
+def _summary_text(config: ClusterConfig, summary) -> str:
+    lines = ["", f"Cluster \"{config.name}\": {len(summary.nodes)} nodes, client {summary.client_ip}"]
+    lines += [f"  {node:<8} {ip}" for node, ip in summary.nodes.items()]
+    first_node = next(iter(summary.nodes.values()))
+    for svc in summary.services:
+        if svc.metadata.namespace == "kube-system" or svc.metadata.name == "kubernetes":
+            continue
+        ports = ",".join(f"{p.port}" for p in svc.spec.ports)
+        lines.append(f"  service {svc.metadata.name}: {svc.spec.type} {svc.spec.cluster_ip}:{ports}"
+                     f" external {service_external_ip(svc)}")
+        for p in svc.spec.ports:
+            if p.node_port:
+                lines.append(f"    from outside: svclab exec client -- curl -s http://{first_node}:{p.node_port}")
+    flag = "" if config.name == "svclab" else f" --name {config.name}"
+    lines += ["", f"  svclab{flag} get pods -o wide", f"  svclab{flag} exec node1 -- ip route",
+              f"  svclab{flag} down"]
+    return "\n".join(lines)
+
+
+SEED = Path(__file__).resolve().parents[2] / "scenarios" / "manifests" / "seed"
+
+
+@click.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """The seed article's cluster: 3 nodes, the frontend Deployment and its NodePort Service.
+
+    In a terminal it opens the cluster's shell (exit tears the cluster down);
+    otherwise it starts the cluster in the background (`svclab down` stops it).
+    """
+    from testbed.runtime.cluster import is_running
+
+    target: Target = ctx.obj
+    if is_running(target.state):
+        click.echo(f'cluster "{target.name}" is already running: svclab --name {target.name} get svc,'
+                   f" or svclab --name {target.name} down")
+        return
+    files = (str(SEED / "frontend-deployment.yaml"), str(SEED / "service-nodeport.yaml"))
+    ctx.invoke(up, files=files, detach=not sys.stdin.isatty())
+
+
+@click.command()
+@pass_target
+def down(target: Target) -> None:
+    """Tear the cluster down (every namespace, interface, bridge, process and file of it)."""
+    from testbed.runtime.cluster import clean
+    from testbed.runtime.processes import ProcessTable
+
+    supervisor = ProcessTable(target.state.path).load().get("up")
+    if supervisor is not None and supervisor.alive():
+        os.kill(supervisor.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while supervisor.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    removed = clean(target.name, target.state)
+    click.echo(f"cluster \"{target.name}\" deleted" if removed or supervisor else f"no cluster \"{target.name}\"")
+
+
+@click.command(name="clean")
+@pass_target
+def clean_cmd(target: Target) -> None:
+    """Remove what a cluster whose processes died left behind (namespaces, bridges, processes, files)."""
+    from testbed.runtime.cluster import clean, is_running
+
+    if is_running(target.state):
+        fail(f"cluster \"{target.name}\" is running; use `svclab down --name {target.name}`")
+    removed = clean(target.name, target.state)
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo(f"nothing left of cluster \"{target.name}\"")
+
+
+@click.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.option("-n", "--namespace", default="", help="The pod's namespace (default: default).")
+@click.argument("target_name", metavar="TARGET")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_target
+def exec_cmd(target: Target, namespace: str, target_name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a pod's, node's or the client's namespace: svclab exec client -- curl ..."""
+    from testbed.runtime import naming, podnet
+
+    netns = naming.node_netns(target.name, target_name)
+    if not Path(podnet.netns_path(netns)).exists():
+        async def find(client):
+            return await client.get("Pod", target_name, namespace)
+        pod = run_with_client(target, find)
+        netns = naming.pod_netns(target.name, pod.metadata.uid)
+        if not Path(podnet.netns_path(netns)).exists():
+            fail(f'pod "{target_name}" has no network namespace yet (phase {pod.status.phase or "Pending"})')
+    argv = list(command[1:] if command and command[0] == "--" else command)
+    os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
+
+
+@click.command()
+@click.option("--api", default=None, help="API server address (default: the cluster's socket).")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None)
+@click.option("--node-name", required=True)
+@click.option("--node-ip", required=True, help="This node's InternalIP.")
+@click.option("--dns-ip", default="10.96.0.10", show_default=True, help="Nameserver written into pods' resolv.conf.")
+@click.option("--heartbeat-interval", type=Duration(), default="1s", show_default=True)
+@pass_target
+def kubelet(target: Target, api: str | None, token_file: Path | None, node_name: str, node_ip: str, dns_ip: str,
+            heartbeat_interval: float) -> None:
+    """Run a node's kubelet in the current network namespace (svclab up starts one per node)."""
+    from testbed.cli.components import api_endpoint
+    from testbed.runtime import naming
+    from testbed.runtime.kubelet import KubeletConfig, run
+
+    address, token = api_endpoint(target, api, token_file)
+    run(address, token, KubeletConfig(
+        cluster=target.name, node_name=node_name, node_ip=node_ip,
+        node_netns=naming.node_netns(target.name, node_name), state_dir=target.state.path,
+        dns_ip=dns_ip, heartbeat_interval=heartbeat_interval,
+    ))

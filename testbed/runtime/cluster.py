@@ -1,0 +1,214 @@
+"""A whole cluster: network, control plane, node components, addons; up and down.
+
+`Cluster.start()` is what `svclab up` does, step by step with progress:
+the API server (root namespace, Unix socket), the Mininet network (nodes,
+router, client), the controller-manager, then a kubelet inside each node's
+namespace, the cluster add-ons, and the user's manifests. `stop()` undoes it
+in reverse; `clean()` removes what a cluster whose processes died left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from google.protobuf.message import Message
+
+from testbed.api.errors import ApiError
+from testbed.client.apply import apply_objects
+from testbed.client.client import ApiClient
+from testbed.api.v1 import api_pb2 as pb
+from testbed.manifests import load_paths
+from testbed.paths import StateDir
+from testbed.runtime import naming, podnet, topology
+from testbed.runtime.config import ClusterConfig
+from testbed.runtime.processes import ProcessTable, stop_pids
+
+Progress = Callable[[str], None]
+ADDONS = Path(__file__).resolve().parent.parent / "addons"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+@dataclass
+class Summary:
+    nodes: dict[str, str]
+    client_ip: str
+    services: list[Message]
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, state: StateDir, progress: Progress = lambda line: None) -> None:
+        self.config = config
+        self.state = state
+        self.progress = progress
+        self.processes = ProcessTable(state.path)
+        self.network: topology.ClusterNetwork | None = None
+
+    # ------------------------------------------------------------ up
+
+    def start(self, manifests: list[Message], timeout: float = 120) -> Summary:
+        if is_running(self.state):
+            raise ClusterError(f'cluster "{self.config.name}" is already running (svclab down --name {self.config.name})')
+        leftovers = topology.find_leftovers(self.config.name)
+        if leftovers:
+            raise ClusterError(f'cluster "{self.config.name}" left things behind; run `svclab clean --name '
+                               f'{self.config.name}` first ({leftovers})')
+        shutil.rmtree(self.state.path, ignore_errors=True)
+        self.state.path.mkdir(parents=True, mode=0o700)
+        started = time.monotonic()
+        try:
+            self._step("API server", self._start_apiserver)
+            self._step(f"network: {self.config.nodes} nodes, router, client", self._start_network)
+            self._step("controller-manager", self._start_controller_manager)
+            self._step("kubelets", self._start_kubelets)
+            summary = asyncio.run(self._converge(manifests, deadline=time.monotonic() + timeout))
+        except BaseException:
+            self.stop()
+            raise
+        self.progress(f"cluster {self.config.name} is up in {time.monotonic() - started:.1f} s")
+        return summary
+
+    def _step(self, what: str, fn: Callable[[], None]) -> None:
+        t0 = time.monotonic()
+        fn()
+        self.progress(f"  {what} ({time.monotonic() - t0:.1f} s)")
+
+    def _start_apiserver(self) -> None:
+        self.processes.start("apiserver", [
+            "apiserver", "--state-dir", str(self.state.path), "--service-cidr", self.config.service_subnet,
+            "--node-port-range", self.config.node_port_range,
+        ])
+        deadline = time.monotonic() + 20
+        while not (self.state.api_socket.exists() and self.state.token_file.exists()):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the API server did not start; see {self.processes.logs / 'apiserver.log'}")
+            time.sleep(0.02)
+
+    def _start_network(self) -> None:
+        self.network = topology.ClusterNetwork(
+            topology.TopologyConfig(self.config.name, self.config.nodes, self.config.node_subnet,
+                                    self.config.external_subnet),
+            self.state.path,
+        )
+        self.network.start()
+
+    def _start_controller_manager(self) -> None:
+        self.processes.start("controller-manager", [
+            "--state-dir", str(self.state.path), "controller-manager", "--cluster-cidr", self.config.pod_subnet,
+            "--node-monitor-grace-period", str(self.config.node_monitor_grace_period),
+        ])
+
+    def _start_kubelets(self) -> None:
+        for node, ip in self.network.node_ips.items():
+            self.processes.start(f"kubelet-{node}", [
+                "--state-dir", str(self.state.path), "--name", self.config.name, "kubelet",
+                "--node-name", node, "--node-ip", ip, "--dns-ip", self.config.dns_ip,
+            ], netns=self.network.netns(node))
+
+    async def _converge(self, manifests: list[Message], deadline: float) -> Summary:
+        async with ApiClient.for_state_dir(self.state) as client:
+            await self._wait(client, "nodes Ready", deadline, self._nodes_ready)
+            await apply_objects(client, self._addons())
+            if manifests:
+                applied = await apply_objects(client, manifests)
+                for item in applied:
+                    self.progress(f"  {type(item.obj).__name__.lower()}/{item.obj.metadata.name} {item.action}")
+            await self._wait(client, "pods Ready", deadline, _pods_ready)
+            services, _ = await client.list("Service", "")
+        return Summary(self.network.node_ips, self.network.client_ip, services)
+
+    def _addons(self) -> list[Message]:
+        objects = load_paths([str(ADDONS / "dns.yaml")]).objects
+        for obj in objects:
+            if isinstance(obj, pb.Service) and obj.metadata.name == "kube-dns":
+                obj.spec.cluster_ip = self.config.dns_ip
+        return objects
+
+    async def _nodes_ready(self, client: ApiClient) -> tuple[bool, str]:
+        nodes, _ = await client.list("Node")
+        ready = [n for n in nodes if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions)
+                 and n.spec.pod_cidr]
+        return len(ready) == self.config.nodes, f"{len(ready)}/{self.config.nodes}"
+
+    async def _wait(self, client: ApiClient, what: str, deadline: float, check) -> None:
+        t0 = time.monotonic()
+        last = ""
+        while True:
+            self._check_processes()
+            try:
+                done, detail = await check(client)
+            except ApiError as exc:
+                done, detail = False, exc.message
+            if done:
+                self.progress(f"  {what}: {detail} ({time.monotonic() - t0:.1f} s)")
+                return
+            if detail != last:
+                last = detail
+            if time.monotonic() > deadline:
+                raise ClusterError(f"timed out waiting for {what} ({detail}); logs in {self.processes.logs}")
+            await asyncio.sleep(0.05)
+
+    def _check_processes(self) -> None:
+        for name, recorded in self.processes.load().items():
+            if not recorded.alive():
+                raise ClusterError(f"{name} exited; see {self.processes.logs / (name + '.log')}")
+
+    # ------------------------------------------------------------ down
+
+    def stop(self) -> None:
+        """Stop everything this cluster started: node components, control plane, network, files."""
+        table = self.processes.load()
+        stop_pids([r for n, r in table.items() if n.startswith("kubelet-")])  # they stop their pods
+        stop_pids([r for n, r in table.items() if not n.startswith("kubelet-")])
+        if self.network is not None:
+            self.network.stop()
+            self.network = None
+        clean(self.config.name, self.state)
+
+
+def _pods_ready_detail(pods: list[Message]) -> tuple[bool, str]:
+    active = [p for p in pods if not p.metadata.deletion_timestamp]
+    ready = [p for p in active if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions)]
+    return len(ready) == len(active), f"{len(ready)}/{len(active)}"
+
+
+async def _pods_ready(client: ApiClient) -> tuple[bool, str]:
+    pods, _ = await client.list("Pod", "")
+    deployments, _ = await client.list("Deployment", "")
+    want = sum(d.spec.replicas for d in deployments)
+    done, detail = _pods_ready_detail(pods)
+    return done and len(pods) >= want, detail
+
+
+def is_running(state: StateDir) -> bool:
+    return any(r.alive() for r in ProcessTable(state.path).load().values())
+
+
+def clean(cluster: str, state: StateDir) -> list[str]:
+    """Remove everything the cluster left behind; returns what was removed. Idempotent."""
+    removed: list[str] = []
+    table = ProcessTable(state.path).load()
+    alive = [r for r in table.values() if r.alive()]
+    stop_pids(alive, timeout=5)
+    removed += [f"process {r.name} ({r.pid})" for r in alive]
+    prefix = naming.pod_netns_prefix(cluster)
+    for path in sorted(Path(podnet.NETNS_DIR).glob(prefix + "*")):
+        podnet.remove_netns(path.name)
+        removed.append(f"netns {path.name}")
+    for path in sorted(Path("/etc/netns").glob(prefix + "*")):
+        shutil.rmtree(path, ignore_errors=True)
+    result = topology.clean(cluster, state.path)
+    removed += [f"process {pid}" for pid in result.killed] + [f"bridge {b}" for b in result.bridges]
+    removed += [f"interface {i}" for i in result.interfaces] + [f"netns {n}" for n in result.netns]
+    if state.path.exists():
+        shutil.rmtree(state.path, ignore_errors=True)
+        removed.append(f"state {state.path}")
+    return removed
+

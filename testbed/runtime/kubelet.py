@@ -1,0 +1,406 @@
+"""The kubelet: registers its node, heartbeats, and runs the pods bound to it.
+
+It runs inside its node's network namespace. For each pod it makes a network
+namespace joined to the node's cni0 bridge (runtime/podnet), takes the next
+free address of the node's pod CIDR, starts the pod's workload (the built-in
+server, or the container's command as an unprivileged process), probes
+readiness and writes the pod's status. It also routes every other node's pod
+CIDR via that node's address (host-gw: plain routing, no overlay, no NAT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from testbed.api.errors import ApiError, AlreadyExists, Conflict, NotFound
+from testbed.api.kube_json import int_or_string
+from testbed.api.meta import copy_of, now_rfc3339
+from testbed.api.v1 import api_pb2 as pb
+from testbed.client.client import ApiClient
+from testbed.client.informer import Informer, WorkQueue, run_worker
+from testbed.runtime import naming, podnet, routes
+from testbed.runtime.dns import DNS_IMAGE, ClusterRecords, DnsServer
+from testbed.runtime.workload import BuiltinServer, PodIdentity
+
+log = logging.getLogger("svclab.kubelet")
+
+DNS_SERVICE_IP = "10.96.0.10"
+READY_RETRY = 0.05  # fast first probes: pod create -> Ready is a measured number
+
+
+@dataclass
+class RunningPod:
+    uid: str
+    netns: str
+    ip: str
+    server: BuiltinServer | DnsServer | None = None
+    process: subprocess.Popen | None = None
+    probe_task: asyncio.Task | None = None
+    ready: bool | None = None
+
+
+@dataclass
+class KubeletConfig:
+    cluster: str
+    node_name: str
+    node_ip: str
+    node_netns: str
+    state_dir: Path
+    cluster_domain: str = "cluster.local"
+    dns_ip: str = DNS_SERVICE_IP
+    heartbeat_interval: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+class Kubelet:
+    def __init__(self, client: ApiClient, config: KubeletConfig) -> None:
+        self.client = client
+        self.config = config
+        self.pods = Informer(client, "Pod", field_selector=f"spec.nodeName={config.node_name}")
+        self.nodes = Informer(client, "Node")
+        self.queue = WorkQueue()
+        self.running: dict[tuple[str, str], RunningPod] = {}
+        self.bridge: podnet.NodeBridge | None = None
+        self.pod_cidr: ipaddress.IPv4Network | None = None
+        self.routes = routes.NodeRoutes()
+        self.pods.on_change(lambda _t, old, new: self.queue.add(_key(new or old)))
+        self.nodes.on_change(self._on_node)
+        self._cidr_ready = asyncio.Event()
+        self.dns_records: ClusterRecords | None = None  # started when this node runs a DNS pod
+
+    # ------------------------------------------------------------ node
+
+    @property
+    def pods_dir(self) -> Path:
+        return self.config.state_dir / "nodes" / self.config.node_name / "pods"
+
+    async def register(self) -> None:
+        node = pb.Node()
+        node.metadata.name = self.config.node_name
+        node.metadata.labels["kubernetes.io/hostname"] = self.config.node_name
+        node.status.addresses.add(type="InternalIP", address=self.config.node_ip)
+        node.status.addresses.add(type="Hostname", address=self.config.node_name)
+        self._set_ready(node)
+        try:
+            await self.client.create(node)
+        except AlreadyExists:
+            current = await self.client.get("Node", self.config.node_name)
+            current.status.CopyFrom(node.status)
+            self._set_ready(current)
+            await self.client.update_status(current)
+
+    def _set_ready(self, node: pb.Node) -> None:
+        now = now_rfc3339()
+        ready = next((c for c in node.status.conditions if c.type == "Ready"), None)
+        if ready is None:
+            ready = node.status.conditions.add(type="Ready", last_transition_time=now)
+        if ready.status != "True":
+            ready.last_transition_time = now
+        ready.status, ready.reason, ready.message = "True", "KubeletReady", "kubelet is posting ready status"
+        ready.last_heartbeat_time = now
+
+    async def heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval)
+            try:
+                node = await self.client.get("Node", self.config.node_name)
+                self._set_ready(node)
+                await self.client.update_status(node)
+            except NotFound:
+                await self.register()
+            except (Conflict, ApiError) as exc:
+                log.debug("heartbeat: %s", exc)
+
+    def _on_node(self, _type: str, old: Message | None, new: Message | None) -> None:
+        node = new or old
+        if node.metadata.name == self.config.node_name:
+            if new is not None and new.spec.pod_cidr and self.pod_cidr is None:
+                self.pod_cidr = ipaddress.ip_network(new.spec.pod_cidr)
+                self._cidr_ready.set()
+            return
+        internal = next((a.address for a in node.status.addresses if a.type == "InternalIP"), "")
+        if new is None or not new.spec.pod_cidr or not internal:
+            if old is not None and old.spec.pod_cidr:
+                self.routes.remove(old.spec.pod_cidr)
+            return
+        self.routes.ensure(new.spec.pod_cidr, internal)
+
+    # ------------------------------------------------------------ pods
+
+    async def sync_pod(self, key: tuple[str, str]) -> None:
+        pod = self.pods.get(*key)
+        running = self.running.get(key)
+        if running is not None and (pod is None or pod.metadata.uid != running.uid):
+            await self._stop(key)
+            running = None
+        if pod is None:
+            return
+        if pod.metadata.deletion_timestamp:
+            if running is not None:
+                await self._stop(key)
+            try:
+                await self.client.delete("Pod", pod.metadata.name, pod.metadata.namespace, grace_period=0)
+            except NotFound:
+                pass
+            return
+        if running is None and pod.status.phase in ("Pending", "Running", ""):
+            await self._start(pod)
+
+    def _next_ip(self, pod: pb.Pod) -> str:
+        used = {r.ip for r in self.running.values()}
+        if pod.status.pod_ip and ipaddress.ip_address(pod.status.pod_ip) in self.pod_cidr and pod.status.pod_ip not in used:
+            return pod.status.pod_ip  # restarted kubelet: keep the address the pod had
+        for host in list(self.pod_cidr.hosts())[1:]:  # .1 is the gateway on cni0
+            if str(host) not in used:
+                return str(host)
+        raise RuntimeError(f"pod CIDR {self.pod_cidr} is full")
+
+    async def _start(self, pod: pb.Pod) -> None:
+        key = _key(pod)
+        netns = naming.pod_netns(self.config.cluster, pod.metadata.uid)
+        ip = self._next_ip(pod)
+        running = RunningPod(pod.metadata.uid, netns, ip)
+        self.running[key] = running
+        self._mark(netns, create=True)
+        try:
+            self.bridge.add_pod(netns, ip, naming.pod_host_ifname(pod.metadata.uid))
+            self._write_resolv_conf(pod, netns)
+            identity = PodIdentity(pod.metadata.name, pod.metadata.namespace, ip, self.config.node_name)
+            container = pod.spec.containers[0] if pod.spec.containers else pb.Container()
+            if container.command:
+                running.process = self._spawn(netns, list(container.command) + list(container.args), pod)
+            elif container.image == DNS_IMAGE:
+                if self.dns_records is None:
+                    self.dns_records = ClusterRecords(self.client, self.config.cluster_domain)
+                running.server = DnsServer(self.dns_records)
+                await running.server.start(lambda: podnet.entered_netns(netns))
+            else:
+                ports = [(p.protocol, p.container_port) for c in pod.spec.containers for p in c.ports]
+                running.server = BuiltinServer(identity, ports)
+                await running.server.start(lambda: podnet.entered_netns(netns))
+        except Exception as exc:
+            log.error("pod %s/%s failed to start: %s", *key, exc)
+            await self._stop(key)
+            await self._write_status(pod, phase="Failed", reason="StartError", message=str(exc))
+            return
+        ready = await self._probe(pod, running)
+        await self._write_status(pod, phase="Running", ip=ip, ready=ready)
+        running.ready = ready
+        running.probe_task = asyncio.create_task(self._probe_loop(key))
+
+    def _spawn(self, netns: str, argv: list[str], pod: pb.Pod) -> subprocess.Popen:
+        """The container's command in the pod's namespace, unprivileged, with the pod's resolv.conf."""
+        log_path = self.pods_dir / f"{netns}.log"
+        with open(log_path, "ab") as out:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", netns, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                 "--", *argv],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
+                     "POD_NAME": pod.metadata.name, "POD_NAMESPACE": pod.metadata.namespace,
+                     "NODE_NAME": self.config.node_name},
+            )
+
+    def _write_resolv_conf(self, pod: pb.Pod, netns: str) -> None:
+        """/etc/netns/<ns>/resolv.conf: `ip netns exec` (and so `svclab exec`) binds it over /etc/resolv.conf."""
+        domain = self.config.cluster_domain
+        ns = pod.metadata.namespace
+        directory = Path("/etc/netns") / netns
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(
+            f"search {ns}.svc.{domain} svc.{domain} {domain}\nnameserver {self.config.dns_ip}\noptions ndots:5\n"
+        )
+
+    async def _stop(self, key: tuple[str, str]) -> None:
+        running = self.running.pop(key, None)
+        if running is None:
+            return
+        if running.probe_task is not None:
+            running.probe_task.cancel()
+        if running.server is not None:
+            running.server.stop()
+        if running.process is not None and running.process.poll() is None:
+            os.killpg(running.process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(running.process.wait), 5)
+            except asyncio.TimeoutError:
+                os.killpg(running.process.pid, signal.SIGKILL)
+        self.bridge.remove_pod(running.netns, naming.pod_host_ifname(running.uid))
+        shutil.rmtree(Path("/etc/netns") / running.netns, ignore_errors=True)
+        self._mark(running.netns, create=False)
+
+    def _mark(self, netns: str, create: bool) -> None:
+        """A file per pod namespace this node made, so a restarted kubelet or `svclab clean` finds it."""
+        marker = self.pods_dir / netns
+        if create:
+            self.pods_dir.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ readiness
+
+    async def _probe(self, pod: pb.Pod, running: RunningPod) -> bool:
+        if running.process is not None and running.process.poll() is not None:
+            return False
+        checks = []
+        for container in pod.spec.containers:
+            probe = container.readiness_probe
+            if probe.HasField("http_get"):
+                checks.append(("http", _port(container, probe.http_get.port), probe.http_get.path))
+            elif probe.HasField("tcp_socket"):
+                checks.append(("tcp", _port(container, probe.tcp_socket.port), ""))
+            else:
+                checks += [("tcp", p.container_port, "") for p in container.ports if p.protocol == "TCP"]
+        for kind, port, path in checks:
+            if not await _check(running.ip, port, kind, path):
+                return False
+        return True
+
+    async def _probe_loop(self, key: tuple[str, str]) -> None:
+        while True:
+            running = self.running.get(key)
+            pod = self.pods.get(*key)
+            if running is None or pod is None:
+                return
+            period = min((c.readiness_probe.period_seconds for c in pod.spec.containers
+                          if c.readiness_probe.period_seconds), default=1)
+            await asyncio.sleep(READY_RETRY if not running.ready else period)
+            ready = await self._probe(pod, running)
+            if running.process is not None and running.process.poll() is not None:
+                await self._write_status(self.pods.get(*key) or pod, phase="Failed", ip=running.ip,
+                                         reason="Error", message=f"command exited {running.process.returncode}")
+                return
+            if ready != running.ready:
+                running.ready = ready
+                await self._write_status(self.pods.get(*key) or pod, phase="Running", ip=running.ip, ready=ready)
+
+    async def _write_status(self, pod: pb.Pod, phase: str, ip: str = "", ready: bool = False,
+                            reason: str = "", message: str = "") -> None:
+        update = copy_of(pod)
+        status = update.status
+        status.phase, status.reason, status.message = phase, reason, message
+        status.host_ip = self.config.node_ip
+        if ip:
+            status.pod_ip = ip
+        if not status.start_time:
+            status.start_time = now_rfc3339()
+        cond = next((c for c in status.conditions if c.type == "Ready"), None) or status.conditions.add(type="Ready")
+        value = "True" if ready and phase == "Running" else "False"
+        if cond.status != value:
+            cond.status, cond.last_transition_time = value, now_rfc3339()
+        update.metadata.resource_version = ""
+        try:
+            await self.client.update_status(update)
+        except NotFound:
+            pass
+
+    # ------------------------------------------------------------ run
+
+    def clean_orphans(self) -> None:
+        """Pod namespaces this node made before a restart whose pods are gone."""
+        wanted = {naming.pod_netns(self.config.cluster, p.metadata.uid) for p in self.pods.items()}
+        if not self.pods_dir.exists():
+            return
+        for marker in self.pods_dir.iterdir():
+            if marker.suffix == ".log" or marker.name in wanted:
+                continue
+            self.bridge.remove_pod(marker.name)
+            shutil.rmtree(Path("/etc/netns") / marker.name, ignore_errors=True)
+            marker.unlink(missing_ok=True)
+
+    async def run(self) -> None:
+        await self.register()
+        tasks = [asyncio.create_task(i.run()) for i in (self.nodes, self.pods)]
+        await self.nodes.synced.wait()
+        await self._cidr_ready.wait()
+        self.bridge = podnet.NodeBridge(self.config.node_netns, str(self.pod_cidr))
+        self.bridge.ensure()
+        await self.pods.synced.wait()
+        for pod in self.pods.items():  # adopt pods from before a restart
+            netns = naming.pod_netns(self.config.cluster, pod.metadata.uid)
+            if Path(podnet.netns_path(netns)).exists():
+                self.bridge.remove_pod(netns, naming.pod_host_ifname(pod.metadata.uid))
+        self.clean_orphans()
+        log.info("node %s ready: pod CIDR %s", self.config.node_name, self.pod_cidr)
+        tasks.append(asyncio.create_task(self.heartbeat()))
+        tasks.append(asyncio.create_task(run_worker("kubelet", self.queue, self.sync_pod)))
+        for pod in self.pods.items():
+            self.queue.add(_key(pod))
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+
+    async def shutdown(self) -> None:
+        """Stop every pod this kubelet runs (on `svclab down`)."""
+        for key in list(self.running):
+            await self._stop(key)
+        self.routes.close()
+        if self.bridge is not None:
+            self.bridge.close()
+
+
+def _key(pod: Message) -> tuple[str, str]:
+    return (pod.metadata.namespace, pod.metadata.name)
+
+
+def _port(container: pb.Container, port: pb.IntOrString) -> int:
+    value = int_or_string(port)
+    if isinstance(value, int):
+        return value
+    return next((p.container_port for p in container.ports if p.name == value), 0)
+
+
+async def _check(ip: str, port: int, kind: str, path: str, timeout: float = 1.0) -> bool:
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        if kind != "http":
+            return True
+        writer.write(f"GET {path or '/'} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        parts = line.split()
+        return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+async def main(address: str, token: str, config: KubeletConfig) -> None:
+    client = ApiClient(address, token)
+    await client.wait_ready(timeout=30)
+    kubelet = Kubelet(client, config)
+    work = asyncio.create_task(kubelet.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if work.done() and work.exception():
+        await kubelet.shutdown()
+        raise work.exception()
+    work.cancel()
+    await kubelet.shutdown()
+    await client.close()
+
+
+def run(address: str, token: str, config: KubeletConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main(address, token, config))
+
+
+

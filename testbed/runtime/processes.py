@@ -1,0 +1,124 @@
+"""The cluster's own processes: started, recorded by pid, stopped by pid.
+
+Each process is recorded with its start time (from /proc) so that a pid the
+kernel has since given to another program is never signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def starttime(pid: int) -> int | None:
+    """The process's start time in clock ticks; None if there is no such live process (zombies count as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+@dataclass
+class Recorded:
+    name: str
+    pid: int
+    starttime: int | None
+
+    def alive(self) -> bool:
+        return self.starttime is not None and starttime(self.pid) == self.starttime
+
+
+class ProcessTable:
+    """processes.json in the state directory: name -> pid and start time."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "processes.json"
+        self.logs = state_dir / "logs"
+
+    def load(self) -> dict[str, Recorded]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {name: Recorded(name, v["pid"], v["starttime"]) for name, v in data.items()}
+
+    def _save(self, table: dict[str, Recorded]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: {"pid": r.pid, "starttime": r.starttime} for n, r in table.items()}, indent=1))
+        os.replace(tmp, self.path)
+
+    def record(self, name: str, pid: int) -> Recorded:
+        table = self.load()
+        table[name] = Recorded(name, pid, starttime(pid))
+        self._save(table)
+        return table[name]
+
+    def forget(self, name: str) -> None:
+        table = self.load()
+        if table.pop(name, None) is not None:
+            self._save(table)
+
+    def start(self, name: str, argv: list[str], netns: str | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `svclab <argv>` (in a named network namespace if given), logging to logs/<name>.log."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "testbed", *argv]
+        if netns:
+            # nsenter, not `ip netns exec`: that one also gives the process a mount
+            # namespace of its own, where the pod namespaces it mounts would stay.
+            command = ["nsenter", f"--net=/run/netns/{netns}", "--", *command]
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
+        self.record(name, proc.pid)
+        return proc
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        recorded = self.load().get(name)
+        if recorded is not None:
+            stop_pids([recorded], timeout)
+            self.forget(name)
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        stop_pids(list(self.load().values()), timeout)
+        for name in self.load():
+            self.forget(name)
+
+
+def stop_pids(processes: list[Recorded], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`, to every recorded process that is still the same process."""
+    alive = [p for p in processes if p.alive() and p.pid != os.getpid()]
+    for p in alive:
+        _signal(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        _reap()
+        alive = [p for p in alive if p.alive()]
+    for p in alive:
+        _signal(p.pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap() -> None:
+    """Collect exited children of this process (a foreground `svclab up` is their parent)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
