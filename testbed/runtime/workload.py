@@ -21,8 +21,7 @@ import socket
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
-MAX_REQUEST = 64 * 1024
-
+from testbed import simplehttp
 
 @dataclass(frozen=True)
 class PodIdentity:
@@ -36,30 +35,6 @@ class PodIdentity:
             {"pod": self.pod, "namespace": self.namespace, "podIP": self.pod_ip, "node": self.node,
              "client": f"{client[0]}:{client[1]}"}
         ).encode() + b"\n"
-
-
-class _Http(asyncio.Protocol):
-    def __init__(self, identity: PodIdentity) -> None:
-        self.identity = identity
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
-            if len(self.buffer) > MAX_REQUEST:
-                self.transport.close()
-            return
-        body = self.identity.answer(self.transport.get_extra_info("peername")[:2])
-        head = (
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        self.transport.write(head + body)
-        self.transport.close()
 
 
 class _UdpEcho(asyncio.DatagramProtocol):
@@ -102,11 +77,14 @@ class BuiltinServer:
         loop = asyncio.get_running_loop()
         for protocol, sock in sockets:
             if protocol == "TCP":
-                server = await loop.create_server(lambda: _Http(self.identity), sock=sock)
+                server = await simplehttp.serve(self._answer_http, sock=sock)
                 self._closers.append(server.close)
             else:
                 transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(self.identity), sock=sock)
                 self._closers.append(transport.close)
+
+    def _answer_http(self, _method: str, _path: str, client: tuple[str, int]) -> tuple[int, str, bytes]:
+        return 200, "application/json", self.identity.answer(client)
 
     def stop(self) -> None:
         for close in self._closers:
