@@ -233,3 +233,29 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
         node_netns=naming.node_netns(target.name, node_name), state_dir=target.state.path,
         dns_ip=dns_ip, heartbeat_interval=heartbeat_interval,
     ))
+
+
+@click.command()
+@click.argument("node")
+@pass_target
+def rules(target: Target, node: str) -> None:
+    """Print what NODE's kube-proxy programmed (iptables-save of its chains), Services annotated."""
+    from testbed.proxy.annotate import annotate_iptables
+    from testbed.runtime import naming, podnet
+
+    netns = naming.node_netns(target.name, node)
+    if not Path(podnet.netns_path(netns)).exists():
+        fail(f'no node "{node}" in cluster "{target.name}"')
+
+    async def services(client):
+        return (await client.list("Service"))[0]
+
+    import subprocess
+    saved = []
+    for table in ("nat", "filter"):
+        result = subprocess.run(["ip", "netns", "exec", netns, "iptables-save", "-t", table],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            fail(f"iptables-save in {node} failed: {result.stderr.strip()}")
+        saved.append(result.stdout)
+    click.echo(annotate_iptables("".join(saved), run_with_client(target, services)), nl=False)

@@ -60,3 +60,29 @@ def controller_manager(target: Target, api: str | None, token_file: Path | None,
 
     address, token = api_endpoint(target, api, token_file)
     run(address, token, cluster_cidr, node_monitor_grace_period)
+
+
+@click.command(name="kube-proxy")
+@_api_options
+@click.option("--node-name", required=True)
+@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables", "ipvs"]), default="iptables",
+              show_default=True)
+@click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
+              help="Pod addresses: traffic to Services from outside it is masqueraded.")
+@click.option("--min-sync-period", type=Duration(), default="1s", show_default=True,
+              help="Least time between two syncs (0 for tests).")
+@click.option("--metrics-address", default="0.0.0.0:10249", show_default=True,
+              help="Where /metrics and /healthz are served.")
+@pass_target
+def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
+               cluster_cidr: str, min_sync_period: float, metrics_address: str) -> None:
+    """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules."""
+    from testbed.proxy import backends
+    from testbed.proxy.server import run
+
+    try:
+        backend = backends.create(proxy_mode, cluster_cidr=cluster_cidr, node_name=node_name)
+    except backends.Unsupported as exc:
+        raise click.ClickException(str(exc)) from None
+    address, token = api_endpoint(target, api, token_file)
+    run(address, token, node_name, backend, min_sync_period, metrics_address)

@@ -27,6 +27,7 @@ from testbed.paths import StateDir
 from testbed.runtime import naming, podnet, topology
 from testbed.runtime.config import ClusterConfig
 from testbed.runtime.processes import ProcessTable, stop_pids
+from testbed.runtime.routes import run_checked
 
 Progress = Callable[[str], None]
 ADDONS = Path(__file__).resolve().parent.parent / "addons"
@@ -54,6 +55,12 @@ class Cluster:
     # ------------------------------------------------------------ up
 
     def start(self, manifests: list[Message], timeout: float = 120) -> Summary:
+        if self.config.proxy_mode != "iptables":
+            from testbed.proxy import backends
+            try:
+                backends.check_mode(self.config.proxy_mode)
+            except backends.Unsupported as exc:
+                raise ClusterError(str(exc)) from None
         if is_running(self.state):
             raise ClusterError(f'cluster "{self.config.name}" is already running (svclab down --name {self.config.name})')
         leftovers = topology.find_leftovers(self.config.name)
@@ -64,16 +71,30 @@ class Cluster:
         self.state.path.mkdir(parents=True, mode=0o700)
         started = time.monotonic()
         try:
-            self._step("API server", self._start_apiserver)
+            self._start_apiserver()  # it starts up (imports, opens its store) while the network is built
             self._step(f"network: {self.config.nodes} nodes, router, client", self._start_network)
+            self._step("API server", self._wait_apiserver)
             self._step("controller-manager", self._start_controller_manager)
             self._step("kubelets", self._start_kubelets)
+            self._step(f"kube-proxies ({self.config.proxy_mode})", self._start_kube_proxies)
             summary = asyncio.run(self._converge(manifests, deadline=time.monotonic() + timeout))
         except BaseException:
+            kept = self._keep_logs()
             self.stop()
+            if kept:
+                self.progress(f"logs of the failed start kept in {kept}")
             raise
         self.progress(f"cluster {self.config.name} is up in {time.monotonic() - started:.1f} s")
         return summary
+
+    def _keep_logs(self) -> Path | None:
+        """Copy the components' logs out of the state directory, which stop() removes."""
+        if not self.processes.logs.exists():
+            return None
+        kept = self.state.path.parent / f"{self.config.name}-failed-logs"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(self.processes.logs, kept)
+        return kept
 
     def _step(self, what: str, fn: Callable[[], None]) -> None:
         t0 = time.monotonic()
@@ -85,6 +106,8 @@ class Cluster:
             "apiserver", "--state-dir", str(self.state.path), "--service-cidr", self.config.service_subnet,
             "--node-port-range", self.config.node_port_range,
         ])
+
+    def _wait_apiserver(self) -> None:
         deadline = time.monotonic() + 20
         while not (self.state.api_socket.exists() and self.state.token_file.exists()):
             if time.monotonic() > deadline:
@@ -98,6 +121,14 @@ class Cluster:
             self.state.path,
         )
         self.network.start()
+        # Nodes reach Service IPs like any node of a real cluster: the route sends them
+        # toward the router, and kube-proxy's DNAT in OUTPUT redirects them before they leave.
+        for node in self.network.node_ips:
+            self._in_node(node, ["ip", "route", "replace", self.config.service_subnet,
+                                 "via", self.network.router_node_ip])
+
+    def _in_node(self, node: str, argv: list[str]) -> None:
+        run_checked(["ip", "netns", "exec", self.network.netns(node), *argv])
 
     def _start_controller_manager(self) -> None:
         self.processes.start("controller-manager", [
@@ -110,6 +141,15 @@ class Cluster:
             self.processes.start(f"kubelet-{node}", [
                 "--state-dir", str(self.state.path), "--name", self.config.name, "kubelet",
                 "--node-name", node, "--node-ip", ip, "--dns-ip", self.config.dns_ip,
+            ], netns=self.network.netns(node))
+
+    def _start_kube_proxies(self) -> None:
+        for node in self.network.node_ips:
+            self.processes.start(f"kube-proxy-{node}", [
+                "--state-dir", str(self.state.path), "--name", self.config.name, "kube-proxy",
+                "--node-name", node, "--proxy-mode", self.config.proxy_mode,
+                "--cluster-cidr", self.config.pod_subnet, "--min-sync-period", str(self.config.min_sync_period),
+                "--metrics-address", f"{self.network.node_ip(node)}:10249",
             ], netns=self.network.netns(node))
 
     async def _converge(self, manifests: list[Message], deadline: float) -> Summary:
@@ -152,21 +192,22 @@ class Cluster:
             if detail != last:
                 last = detail
             if time.monotonic() > deadline:
-                raise ClusterError(f"timed out waiting for {what} ({detail}); logs in {self.processes.logs}")
+                raise ClusterError(f"timed out waiting for {what} ({detail})")
             await asyncio.sleep(0.05)
 
     def _check_processes(self) -> None:
         for name, recorded in self.processes.load().items():
             if not recorded.alive():
-                raise ClusterError(f"{name} exited; see {self.processes.logs / (name + '.log')}")
+                raise ClusterError(f"{name} exited (its log: {name}.log)")
 
     # ------------------------------------------------------------ down
 
     def stop(self) -> None:
         """Stop everything this cluster started: node components, control plane, network, files."""
         table = self.processes.load()
-        stop_pids([r for n, r in table.items() if n.startswith("kubelet-")])  # they stop their pods
-        stop_pids([r for n, r in table.items() if not n.startswith("kubelet-")])
+        node_parts = ("kubelet-", "kube-proxy-")
+        stop_pids([r for n, r in table.items() if n.startswith(node_parts)])  # kubelets stop their pods
+        stop_pids([r for n, r in table.items() if not n.startswith(node_parts)])
         if self.network is not None:
             self.network.stop()
             self.network = None

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ log = logging.getLogger("svclab.kubelet")
 
 DNS_SERVICE_IP = "10.96.0.10"
 READY_RETRY = 0.05  # fast first probes: pod create -> Ready is a measured number
+LINK_UP_TIMEOUT = 1.0  # seconds to wait for a new pod's veth to come up before the first probe
+BR_STATE_FORWARDING = 3  # IFLA_BRPORT_STATE
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Kubelet:
         self.pods.on_change(lambda _t, old, new: self.queue.add(_key(new or old)))
         self.nodes.on_change(self._on_node)
         self._cidr_ready = asyncio.Event()
+        self._last_ip_index = -1
         self.dns_records: ClusterRecords | None = None  # started when this node runs a DNS pod
 
     # ------------------------------------------------------------ node
@@ -157,12 +162,17 @@ class Kubelet:
             await self._start(pod)
 
     def _next_ip(self, pod: pb.Pod) -> str:
+        """The next free address after the last one handed out, like CNI's host-local IPAM:
+        a new pod does not get the address of the pod that just went (stale conntrack, ARP)."""
         used = {r.ip for r in self.running.values()}
         if pod.status.pod_ip and ipaddress.ip_address(pod.status.pod_ip) in self.pod_cidr and pod.status.pod_ip not in used:
             return pod.status.pod_ip  # restarted kubelet: keep the address the pod had
-        for host in list(self.pod_cidr.hosts())[1:]:  # .1 is the gateway on cni0
-            if str(host) not in used:
-                return str(host)
+        hosts = list(self.pod_cidr.hosts())[1:]  # .1 is the gateway on cni0
+        for offset in range(1, len(hosts) + 1):
+            candidate = str(hosts[(self._last_ip_index + offset) % len(hosts)])
+            if candidate not in used:
+                self._last_ip_index = (self._last_ip_index + offset) % len(hosts)
+                return candidate
         raise RuntimeError(f"pod CIDR {self.pod_cidr} is full")
 
     async def _start(self, pod: pb.Pod) -> None:
@@ -193,10 +203,35 @@ class Kubelet:
             await self._stop(key)
             await self._write_status(pod, phase="Failed", reason="StartError", message=str(exc))
             return
+        await self._link_up(naming.pod_host_ifname(pod.metadata.uid))
         ready = await self._probe(pod, running)
         await self._write_status(pod, phase="Running", ip=ip, ready=ready)
         running.ready = ready
         running.probe_task = asyncio.create_task(self._probe_loop(key))
+
+    async def _link_up(self, host_ifname: str, timeout: float = LINK_UP_TIMEOUT) -> None:
+        """Wait until the kernel has brought the pod's veth up (carrier, bridge port forwarding).
+
+        It does that asynchronously (linkwatch), a few ms after add_pod() returns when the
+        machine is busy. A first probe sent before then loses its ARP request on the port, and
+        ARP retries only after 1 s (retrans_time_ms): the pod stayed unready for 1 s, and this
+        worker, which starts pods one at a time, was stuck behind it.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                link = self.bridge._get_link(self.bridge._node(), f"look up {host_ifname}", ifname=host_ifname)
+            except podnet.PodNetworkError:
+                return
+            if link is None:
+                return
+            info = link.get_attr("IFLA_LINKINFO")
+            port = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
+            state = port.get_attr("IFLA_BRPORT_STATE") if port is not None else None
+            if (link.get_attr("IFLA_OPERSTATE") == "UP" and state in (None, BR_STATE_FORWARDING)) \
+                    or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.002)
 
     def _spawn(self, netns: str, argv: list[str], pod: pb.Pod) -> subprocess.Popen:
         """The container's command in the pod's namespace, unprivileged, with the pod's resolv.conf."""
@@ -263,7 +298,7 @@ class Kubelet:
             else:
                 checks += [("tcp", p.container_port, "") for p in container.ports if p.protocol == "TCP"]
         for kind, port, path in checks:
-            if not await _check(running.ip, port, kind, path):
+            if not await _check(running.ip, port, kind, path, netns=running.netns):
                 return False
         return True
 
@@ -361,10 +396,25 @@ def _port(container: pb.Container, port: pb.IntOrString) -> int:
     return next((p.container_port for p in container.ports if p.name == value), 0)
 
 
-async def _check(ip: str, port: int, kind: str, path: str, timeout: float = 1.0) -> bool:
+async def _check(ip: str, port: int, kind: str, path: str, timeout: float = 1.0, netns: str | None = None) -> bool:
+    """Connect to ip:port (and GET path for http) from inside the pod's namespace (netns), as
+    a client on the pod itself: no ARP. Probing every pod from the node every second kept two
+    neighbour entries per pod alive (the node's for the pod, the pod's for its gateway), and the
+    kernel's neighbour table is one for all namespaces of the machine, capped by the root
+    namespace's gc_thresh3 (1,024): past ~500 pods probes failed with "neighbor table overflow"."""
+    sock = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
+        if netns is not None:
+            with podnet.entered_netns(netns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
     except (OSError, asyncio.TimeoutError):
+        if sock is not None:
+            sock.close()
         return False
     try:
         if kind != "http":

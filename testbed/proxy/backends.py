@@ -1,0 +1,27 @@
+"""Choosing a kube-proxy backend by mode; each renders from the same model."""
+
+from __future__ import annotations
+
+IMPLEMENTED = ("iptables",)
+
+
+class Unsupported(RuntimeError):
+    pass
+
+
+def check_mode(mode: str) -> None:
+    """Refuse, with the way out, a mode this kernel or this svclab cannot run."""
+    if mode == "ipvs":
+        from testbed.proxy.ipvs import KernelLacksIpvs, check_kernel
+        try:
+            check_kernel()
+        except KernelLacksIpvs as exc:
+            raise Unsupported(str(exc)) from None
+    if mode not in IMPLEMENTED:
+        raise Unsupported(f"--proxy-mode {mode} is not implemented yet; use --proxy-mode iptables")
+
+
+def create(mode: str, cluster_cidr: str, node_name: str):
+    check_mode(mode)
+    from testbed.proxy.iptables_backend import IptablesBackend
+    return IptablesBackend(cluster_cidr=cluster_cidr, node_name=node_name)

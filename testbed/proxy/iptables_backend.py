@@ -1,0 +1,107 @@
+"""The iptables backend: renders with proxy.iptables, applies with one iptables-restore.
+
+As upstream: the jumps from the built-in chains are ensured on every full
+sync; each sync is one `iptables-restore --noflush --counters` document; a
+canary chain in the mangle table (KUBE-PROXY-CANARY) tells when someone
+flushed the tables behind kube-proxy's back, and forces a full resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+from testbed.proxy import iptables, kernel
+from testbed.proxy.model import ProxyState, ServicePortName
+
+log = logging.getLogger("svclab.kube-proxy")
+
+CANARY = "KUBE-PROXY-CANARY"
+CANARY_TABLES = ("mangle", "nat", "filter")
+
+
+class IptablesBackend:
+    name = "iptables"
+
+    def __init__(self, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = ()) -> None:
+        self.config = iptables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips)
+        self.node_name = node_name
+        self._chains: frozenset[str] = frozenset()
+        self._canary_ok = False
+        self._rule_counts: dict[tuple[str, str], int] = {}  # (table, chain) -> rules, as last written
+
+    def needs_full_sync(self) -> bool:
+        """True when the canary chain is gone: the tables were flushed under us."""
+        if not self._canary_ok:
+            return True
+        missing = any(not kernel.succeeds(["iptables", "-w", "-t", t, "-S", CANARY, "1"]) for t in CANARY_TABLES)
+        if missing:
+            log.warning("canary chain %s is gone: the rules were flushed; resyncing in full", CANARY)
+            self._canary_ok = False
+        return missing
+
+    def sync(self, state: ProxyState, changed: set[ServicePortName] | None) -> dict[str, int]:
+        """Apply the state; returns the number of rules programmed per table."""
+        full = changed is None
+        if full:
+            self._ensure_hooks()
+        result = iptables.render(state, changed, self._chains, self.config)
+        kernel.run(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], result.document)
+        self._chains = result.chains
+        if full:
+            self._ensure_canary()
+        self._rule_counts.update(_rules_per_chain(result.document))
+        for chain in result.deleted:
+            self._rule_counts.pop(("nat", chain), None)
+        totals: dict[str, int] = {}
+        for (table, _), count in self._rule_counts.items():
+            totals[table] = totals.get(table, 0) + count
+        return totals
+
+    def _ensure_hooks(self) -> None:
+        """Our top-level chains, and the jumps to them from the built-in chains (as upstream, before restore)."""
+        for rule in iptables.hook_rules():
+            target = rule.args[-1]
+            if not kernel.succeeds(["iptables", "-w", "-t", rule.table, "-S", target, "1"]):
+                kernel.run(["iptables", "-w", "-t", rule.table, "-N", target])
+            if not kernel.succeeds(["iptables", "-w", *rule.check_argv()]):
+                kernel.run(["iptables", "-w", *rule.insert_argv()])
+
+    def _ensure_canary(self) -> None:
+        for table in CANARY_TABLES:
+            subprocess.run(["iptables", "-w", "-t", table, "-N", CANARY], capture_output=True)
+        self._canary_ok = True
+
+    def dump(self) -> str:
+        """What this node's kube-proxy programmed: its chains in the nat and filter tables."""
+        out = []
+        for table in ("nat", "filter"):
+            saved = kernel.run(["iptables-save", "-t", table])
+            lines = [l for l in saved.splitlines() if l.startswith(("*", "COMMIT")) or "KUBE-" in l]
+            out += lines
+        return "\n".join(out) + "\n"
+
+    def cleanup(self) -> None:
+        """Remove every rule and chain this backend made (upstream's CleanupLeftovers)."""
+        for rule in iptables.hook_rules():
+            subprocess.run(["iptables", "-w", *rule.delete_argv()], capture_output=True)
+        for table in ("nat", "filter", "mangle"):
+            saved = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
+            chains = [l[1:].split()[0] for l in saved.splitlines() if l.startswith(":KUBE-")]
+            if chains:
+                doc = [f"*{table}"] + [f":{c} - [0:0]" for c in chains] + [f"-X {c}" for c in chains] + ["COMMIT", ""]
+                subprocess.run(["iptables-restore", "-w", "--noflush"], input="\n".join(doc), text=True,
+                               capture_output=True)
+
+
+def _rules_per_chain(document: str) -> dict[tuple[str, str], int]:
+    """Rules per chain for the chains a restore document (re)writes."""
+    counts: dict[tuple[str, str], int] = {}
+    table = ""
+    for line in document.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A "):
+            key = (table, line.split(None, 2)[1])
+            counts[key] = counts.get(key, 0) + 1
+    return counts

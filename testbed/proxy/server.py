@@ -1,0 +1,162 @@
+"""The kube-proxy process: Services and EndpointSlices in, kernel rules out.
+
+Watch handlers only record what changed (model.ChangeTracker); a
+bounded-frequency runner collapses bursts into one sync; each sync builds the
+desired state once (model.ProxyState) and hands it to the backend, which
+renders and applies it in one atomic write. A failed write is logged and
+counted, and the next sync is a full one; the node keeps the rules it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from testbed import simplehttp
+from testbed.client.client import ApiClient
+from testbed.client.informer import Informer
+from testbed.proxy import conntrack
+from testbed.proxy.healthcheck import HealthCheckServers
+from testbed.proxy.metrics import HealthState, ProxyMetrics, metrics_handler
+from testbed.proxy.model import ChangeTracker, ProxyState
+from testbed.proxy.runner import BoundedFrequencyRunner
+
+log = logging.getLogger("svclab.kube-proxy")
+
+FULL_SYNC_PERIOD = 60.0
+RETRY_AFTER_FAILURE = 1.0
+
+
+class ProxyServer:
+    def __init__(self, client: ApiClient, node_name: str, backend, min_sync_period: float,
+                 full_sync_period: float = FULL_SYNC_PERIOD) -> None:
+        self.client = client
+        self.node_name = node_name
+        self.backend = backend
+        self.services = Informer(client, "Service")
+        self.slices = Informer(client, "EndpointSlice")
+        self.tracker = ChangeTracker(node_name)
+        self.metrics = ProxyMetrics()
+        self.health = HealthState(timeout=max(2 * min_sync_period, 10.0))
+        self.healthchecks = HealthCheckServers()
+        self.runner = BoundedFrequencyRunner(self.sync, min_sync_period, full_sync_period)
+        self.full_sync_period = full_sync_period
+        self._needs_full = True
+        self._last_full = 0.0
+        self._udp_endpoints: set[tuple[str, int, str]] = set()
+        self._pending = {"services": 0, "endpoints": 0}
+        self.services.on_change(self.tracker.on_service)
+        self.slices.on_change(self.tracker.on_slice)
+        self.services.on_change(lambda *_: self._queued("services"))
+        self.slices.on_change(lambda *_: self._queued("endpoints"))
+
+    def _queued(self, what: str) -> None:
+        self._pending[what] += 1
+        if what == "endpoints":
+            self.metrics.endpoint_changes_total.inc()
+        self.metrics.service_changes_pending.set(self._pending["services"])
+        self.metrics.endpoint_changes_pending.set(self._pending["endpoints"])
+        self.health.queued()
+        self.metrics.last_queued.set(time.time())
+        self.runner.request()
+
+    async def sync(self) -> None:
+        started = time.perf_counter()
+        changed = self.tracker.take()  # applies the pending events to tracker.state
+        self._pending = {"services": 0, "endpoints": 0}
+        full = (self._needs_full or self.backend.needs_full_sync()
+                or time.monotonic() - self._last_full >= self.full_sync_period)
+        state = self.tracker.state
+        try:
+            programmed = await asyncio.to_thread(self.backend.sync, state, None if full else changed)
+        except Exception as exc:  # a failed write must not stop the proxy: keep the old rules, retry in full
+            log.error("sync failed (%s sync): %s", "full" if full else "partial", exc)
+            self.metrics.sync_errors.inc()
+            self._needs_full = True  # what changed is in the state: a full sync writes it
+            asyncio.get_running_loop().call_later(RETRY_AFTER_FAILURE, self.runner.request)
+            return
+        if full:
+            self._needs_full = False
+            self._last_full = time.monotonic()
+            self.metrics.full_syncs.inc()
+        else:
+            self.metrics.partial_syncs.inc()
+        for table, count in programmed.items():
+            self.metrics.rules.labels(table=table).set(count)
+        self.metrics.sync_duration.observe(time.perf_counter() - started)
+        self.metrics.last_sync.set(time.time())
+        self.metrics.service_changes_pending.set(0)
+        self.metrics.endpoint_changes_pending.set(0)
+        self.health.updated()
+        self._clear_stale_udp(state)
+        await self.healthchecks.sync(health_check_ports(state))
+
+    def _clear_stale_udp(self, state: ProxyState) -> None:
+        """Delete conntrack entries toward UDP endpoints that are no longer used (upstream does)."""
+        now = udp_endpoints(state)
+        for service_ip, node_port, endpoint_ip in self._udp_endpoints - now:
+            conntrack.delete_udp_flows(service_ip, 0, endpoint_ip)
+            if node_port:
+                conntrack.delete_udp_flows(None, node_port, endpoint_ip)
+        self._udp_endpoints = now
+
+
+    async def run(self, metrics_address: str = "") -> None:
+        if metrics_address:
+            host, _, port = metrics_address.rpartition(":")
+            await simplehttp.serve(metrics_handler(self.metrics, self.health), host, int(port))
+        tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices)]
+        await self.services.synced.wait()
+        await self.slices.synced.wait()
+        tasks.append(asyncio.create_task(self.runner.run()))
+        self.runner.request()
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+
+
+async def main(address: str, token: str, node_name: str, backend, min_sync_period: float,
+               metrics_address: str) -> None:
+    client = ApiClient(address, token)
+    await client.wait_ready(timeout=30)
+    server = ProxyServer(client, node_name, backend, min_sync_period)
+    work = asyncio.create_task(server.run(metrics_address))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        work.result()
+    work.cancel()
+    server.healthchecks.close()
+    await client.close()
+
+
+def run(address: str, token: str, node_name: str, backend, min_sync_period: float, metrics_address: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(main(address, token, node_name, backend, min_sync_period, metrics_address))
+
+
+def udp_endpoints(state: ProxyState) -> set[tuple[str, int, str]]:
+    """(service IP, node port, endpoint IP) of every UDP endpoint in use."""
+    out = set()
+    for name, sp in state.services.items():
+        if sp.protocol == "UDP":
+            for ep in state.categorize(name).all_reachable:
+                out.add((sp.cluster_ip, sp.node_port, ep.ip))
+    return out
+
+
+def health_check_ports(state: ProxyState) -> dict[int, tuple[str, str, int]]:
+    """healthCheckNodePort -> (namespace, name, local endpoints) for Local LoadBalancer Services."""
+    out: dict[int, tuple[str, str, int]] = {}
+    for name, sp in state.services.items():
+        if sp.health_check_node_port:
+            local = len(state.categorize(name).local)
+            prev = out.get(sp.health_check_node_port, (name.namespace, name.name, 0))
+            out[sp.health_check_node_port] = (name.namespace, name.name, max(prev[2], local))
+    return out

@@ -1,0 +1,292 @@
+"""kube-proxy (iptables mode) end to end: real rules in every node, real packets from pods,
+nodes and the external client.
+
+One cluster serves the whole module (3 nodes, the seed Deployment); each test
+applies the Services it needs. IP plan: nodes 172.18.0.2-4, client 203.0.113.2
+(behind the router 203.0.113.1 / 172.18.0.1), pods 10.244.<n>.0/24.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_cluster import LabCluster, cluster_name, leftovers
+
+SEED = REPO / "scenarios/manifests/seed"
+NODES = ("172.18.0.2", "172.18.0.3", "172.18.0.4")
+CLIENT = "203.0.113.2"
+
+# Counts answers per pod over N bounded HTTP requests, from inside a namespace.
+COUNT = """
+import collections, json, socket, sys, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+seen = collections.Counter()
+for _ in range(n):
+    try:
+        seen[json.load(urllib.request.urlopen(url, timeout=3))["pod"]] += 1
+    except Exception as exc:
+        seen["error:" + type(exc).__name__] += 1
+print(json.dumps(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    cluster = LabCluster(tmp_path_factory.mktemp("kp") / "state", cluster_name())
+    cluster.config = tmp_path_factory.mktemp("kpconf") / "lab.yaml"
+    cluster.config.write_text(f"name: {cluster.name}\nnodes: 3\nkubeProxy: {{minSyncPeriod: 100ms}}\n")
+    try:
+        cluster.up("--config", str(cluster.config), "-f", str(SEED / "frontend-deployment.yaml"))
+        yield cluster
+    finally:
+        cluster.svclab("down", timeout=120)
+        assert not leftovers(cluster.name, cluster.state), leftovers(cluster.name, cluster.state)
+
+
+def apply(lab: LabCluster, manifest: str) -> None:
+    lab.svclab("apply", "-f", "-", input=manifest, check=True)
+
+
+def delete(lab: LabCluster, kind: str, name: str) -> None:
+    lab.svclab("delete", kind, name, "--ignore-not-found", check=True)
+
+
+def service(name: str, spec: str) -> str:
+    return f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n{spec}"
+
+
+def curl(lab: LabCluster, where: str, url: str, timeout: float = 3) -> subprocess.CompletedProcess:
+    return lab.exec(where, "curl", "-s", "--max-time", str(timeout), url)
+
+
+def get_json(lab: LabCluster, where: str, url: str) -> dict:
+    deadline = time.monotonic() + 10  # rules follow the API within min-sync-period
+    while True:
+        r = curl(lab, where, url)
+        if r.returncode == 0 and r.stdout:
+            return json.loads(r.stdout)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{where} -> {url}: curl exit {r.returncode} {r.stderr}")
+        time.sleep(0.2)
+
+
+def counts(lab: LabCluster, where: str, url: str, n: int) -> dict[str, int]:
+    r = lab.exec(where, sys.executable, "-c", COUNT, url, str(n), timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def frontend_pods(lab: LabCluster) -> list[dict]:
+    pods = lab.json("pods", "-l", "app=frontend")["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_seed_nodeport_from_the_client_on_every_node(lab):
+    apply(lab, (SEED / "service-nodeport.yaml").read_text())
+    names = {p["metadata"]["name"] for p in frontend_pods(lab)}
+    for node_ip in NODES:
+        answer = get_json(lab, "client", f"http://{node_ip}:30007/")
+        assert answer["pod"] in names
+        # externalTrafficPolicy Cluster: the client's address is masqueraded
+        assert not answer["client"].startswith(CLIENT + ":")
+
+
+def test_cluster_ip_from_pods_and_nodes_and_by_dns_name(lab):
+    apply(lab, (SEED / "service-clusterip.yaml").read_text())
+    svc = lab.json("svc", "frontend-service")
+    pod = frontend_pods(lab)[0]["metadata"]["name"]
+    names = {p["metadata"]["name"] for p in frontend_pods(lab)}
+    assert get_json(lab, pod, f"http://{svc['spec']['clusterIP']}/")["pod"] in names
+    assert get_json(lab, "node2", f"http://{svc['spec']['clusterIP']}/")["pod"] in names
+    # the seed article: `curl http://frontend-service` from a pod
+    assert get_json(lab, pod, "http://frontend-service/")["pod"] in names
+    assert get_json(lab, pod, "http://frontend-service.default.svc.cluster.local/")["pod"] in names
+    # ClusterIP is internal only: the client has no way to it
+    assert curl(lab, "client", f"http://{svc['spec']['clusterIP']}/", timeout=2).returncode != 0
+
+
+def test_distribution_over_three_endpoints_is_even(lab):
+    apply(lab, (SEED / "service-clusterip.yaml").read_text())
+    svc = lab.json("svc", "frontend-service")
+    get_json(lab, "node1", f"http://{svc['spec']['clusterIP']}/")
+    seen = counts(lab, "node1", f"http://{svc['spec']['clusterIP']}/", 300)
+    assert not [k for k in seen if k.startswith("error")], seen
+    assert len(seen) == 3, seen
+    expected = 100
+    chi2 = sum((c - expected) ** 2 / expected for c in seen.values())
+    assert chi2 < 13.82, (seen, chi2)  # chi-square, 2 degrees of freedom, p = 0.001
+
+
+def test_service_without_endpoints_refuses_at_once(lab):
+    apply(lab, service("nobody", "  selector: {app: nobody}\n  ports: [{port: 80, targetPort: 8080}]\n"))
+    ip = lab.json("svc", "nobody")["spec"]["clusterIP"]
+    time.sleep(0.5)
+    started = time.monotonic()
+    r = curl(lab, "node1", f"http://{ip}/", timeout=5)
+    assert r.returncode == 7  # connection refused (REJECT), not a timeout (28)
+    assert time.monotonic() - started < 2
+
+
+def test_external_traffic_policy_local_keeps_the_client_address(lab):
+    apply(lab, service("local", "  type: NodePort\n  externalTrafficPolicy: Local\n  selector: {app: frontend}\n"
+                                "  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]\n"))
+    pods = frontend_pods(lab)
+    with_pods = {p["spec"]["nodeName"] for p in pods}
+    node_ips = {f"node{i + 1}": ip for i, ip in enumerate(NODES)}
+    for node in with_pods:
+        answer = get_json(lab, "client", f"http://{node_ips[node]}:30080/")
+        assert answer["client"].split(":")[0] == CLIENT  # not masqueraded
+        assert answer["node"] == node  # only local endpoints
+    lab.svclab("scale", "deployment", "frontend", "--replicas", "1", check=True)
+    try:
+        deadline = time.monotonic() + 20
+        while len({p["spec"]["nodeName"] for p in frontend_pods(lab)}) > 1 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        only = frontend_pods(lab)[0]["spec"]["nodeName"]
+        other = next(n for n in node_ips if n != only)
+        time.sleep(0.5)
+        r = curl(lab, "client", f"http://{node_ips[other]}:30080/", timeout=2)
+        assert r.returncode == 28  # dropped (no local endpoint): a timeout, not a refusal
+        assert get_json(lab, "client", f"http://{node_ips[only]}:30080/")["node"] == only
+    finally:
+        lab.svclab("scale", "deployment", "frontend", "--replicas", "3", check=True)
+        delete(lab, "svc", "local")
+        wait_ready_pods(lab, 3)
+
+
+def wait_ready_pods(lab: LabCluster, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        slices = lab.json("endpointslices", "-l", "kubernetes.io/service-name=frontend-service")["items"]
+        ready = [e for s in slices for e in s.get("endpoints", []) if e["conditions"].get("ready")]
+        if len(frontend_pods(lab)) == n and len(ready) == n:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"frontend did not get back to {n} ready pods")
+
+
+def test_session_affinity_client_ip(lab):
+    apply(lab, service("sticky", "  selector: {app: frontend}\n  sessionAffinity: ClientIP\n"
+                                 "  ports: [{port: 80, targetPort: 8080}]\n"))
+    ip = lab.json("svc", "sticky")["spec"]["clusterIP"]
+    get_json(lab, "node3", f"http://{ip}/")
+    seen = counts(lab, "node3", f"http://{ip}/", 30)
+    assert len(seen) == 1 and sum(seen.values()) == 30, seen
+    delete(lab, "svc", "sticky")
+
+
+def test_hairpin_a_pod_reaches_itself_through_its_service(lab):
+    apply(lab, (SEED / "service-clusterip.yaml").read_text())
+    ip = lab.json("svc", "frontend-service")["spec"]["clusterIP"]
+    pod = frontend_pods(lab)[0]
+    name = pod["metadata"]["name"]
+    seen = counts(lab, name, f"http://{ip}/", 30)
+    assert seen.get(name, 0) > 0, seen  # some answers came from the pod itself
+    answer = None
+    for _ in range(60):
+        answer = get_json(lab, name, f"http://{ip}/")
+        if answer["pod"] == name:
+            break
+    assert answer["pod"] == name
+    assert answer["client"].split(":")[0] != pod["status"]["podIP"]  # hairpin traffic is masqueraded
+
+
+def test_udp_service(lab):
+    # the built-in workload echoes on the UDP ports a pod declares
+    apply(lab, """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: udp}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: udp}}
+  template:
+    metadata: {labels: {app: udp}}
+    spec:
+      containers: [{name: echo, image: echo, ports: [{containerPort: 9000, protocol: UDP}]}]
+""")
+    apply(lab, service("echo", "  selector: {app: udp}\n  ports: [{port: 53000, targetPort: 9000, protocol: UDP}]\n"))
+    ip = lab.json("svc", "echo")["spec"]["clusterIP"]
+    probe = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2);"
+             "s.sendto(b'hi',(sys.argv[1],53000)); print(s.recv(4096).decode())")
+    deadline = time.monotonic() + 20
+    while True:
+        r = lab.exec("node1", sys.executable, "-c", probe, ip)
+        if r.returncode == 0:
+            break
+        assert time.monotonic() < deadline, r.stderr
+        time.sleep(0.3)
+    assert json.loads(r.stdout)["pod"].startswith("udp-")
+    delete(lab, "deploy", "udp")
+    delete(lab, "svc", "echo")
+
+
+def test_rules_show_upstream_chains_annotated(lab):
+    apply(lab, (SEED / "service-nodeport.yaml").read_text())
+    time.sleep(0.5)
+    r = lab.svclab("rules", "node1", check=True)
+    assert "-A KUBE-SERVICES" in r.stdout and ":KUBE-NODEPORTS" in r.stdout
+    svc_lines = [l for l in r.stdout.splitlines() if l.startswith(":KUBE-SVC-")]
+    assert any(l.endswith("# default/frontend-service") for l in svc_lines), svc_lines
+    assert "--probability 0.3333333" in r.stdout  # random balancing over 3 endpoints
+    assert "KUBE-MARK-MASQ" in r.stdout and "0x4000" in r.stdout
+
+
+def test_deleted_pod_leaves_the_rules_of_every_node(lab):
+    apply(lab, (SEED / "service-clusterip.yaml").read_text())
+    victim = frontend_pods(lab)[0]
+    ip = victim["status"]["podIP"]
+    lab.svclab("delete", "pod", victim["metadata"]["name"], check=True)
+    deadline = time.monotonic() + 10
+    remaining = NODES
+    while time.monotonic() < deadline and remaining:
+        remaining = [n for i, n in enumerate(NODES) if f"{ip}:8080" in lab.svclab("rules", f"node{i + 1}").stdout]
+        time.sleep(0.2)
+    assert not remaining
+    wait_ready_pods(lab, 3)
+
+
+def test_metrics_and_healthz(lab):
+    r = lab.exec("node1", "curl", "-s", "--max-time", "3", f"http://{NODES[0]}:10249/metrics")
+    assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in r.stdout
+    assert 'kubeproxy_sync_proxy_rules_iptables_total{table="nat"}' in r.stdout
+    r = lab.exec("node1", "curl", "-s", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                 f"http://{NODES[0]}:10249/healthz")
+    assert r.stdout == "200"
+
+
+def test_health_check_node_port_for_local_load_balancers(lab):
+    apply(lab, service("lbl", "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: frontend}\n"
+                              "  ports: [{port: 80, targetPort: 8080}]\n"))
+    svc = lab.json("svc", "lbl")
+    port = svc["spec"]["healthCheckNodePort"]
+    with_pods = {p["spec"]["nodeName"] for p in frontend_pods(lab)}
+    for i, ip in enumerate(NODES):
+        node = f"node{i + 1}"
+        deadline = time.monotonic() + 10
+        while True:
+            r = lab.exec("client", "curl", "-s", "--max-time", "3", "-w", "\\n%{http_code}", f"http://{ip}:{port}/")
+            body, _, code = r.stdout.rpartition("\n")
+            if code in ("200", "503"):
+                break
+            assert time.monotonic() < deadline, r
+            time.sleep(0.2)
+        assert code == ("200" if node in with_pods else "503")
+        doc = json.loads(body)
+        assert doc["service"] == {"namespace": "default", "name": "lbl"}
+        assert (doc["localEndpoints"] > 0) == (node in with_pods)
+    delete(lab, "svc", "lbl")
+
+
+def test_ipvs_mode_is_refused_with_the_way_out(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "testbed", "--state-root", str(tmp_path), "--name", "tipvs", "up",
+                        "--proxy-mode", "ipvs"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 1
+    assert "IPVS" in r.stderr and "--proxy-mode iptables" in r.stderr and "VM" in r.stderr
+    assert not leftovers("tipvs")

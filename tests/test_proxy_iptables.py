@@ -1,0 +1,770 @@
+"""svclab's kube-proxy: the desired-state model (testbed.proxy.model) and the iptables renderer
+(testbed.proxy.iptables), first as pure functions, then loaded into a real kernel.
+
+IP plan (the testbed's own ranges, see environment.md):
+  pods      10.244.0.0/16 (the cluster CIDR); node-a's pods in 10.244.1.0/24, node-b's in 10.244.2.0/24
+  services  10.96.0.0/12: 10.96.0.1x in the golden set, 10.96.0.2x in the packet test
+  nodes     172.18.0.2 node-a (this node), 172.18.0.3 node-b
+  external  203.0.113.0/24: LoadBalancer IP 203.0.113.10, an outside client 203.0.113.2
+
+Kernel tests run only inside network namespaces named pxt<pid><random>-*, made by the
+`netns` fixture and deleted at teardown, pass or fail, together with every process started
+in them. Nothing touches the root namespace's firewall, routes or sysctls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from testbed.proxy import iptables as ipt
+from testbed.proxy.model import (
+    ChangeTracker, Endpoint, ProxyState, ServicePort, ServicePortName, build_endpoints, build_service_ports,
+    categorize_endpoints,
+)
+from tests.builders import obj
+
+NODE = "node-a"
+CLUSTER_CIDR = "10.244.0.0/16"
+NODE_IP = "172.18.0.2"
+CONFIG = ipt.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
+
+
+# ------------------------------------------------------------------ objects, as manifests
+
+
+def svc(ns: str, name: str, ip: str, ports=None, **spec) -> object:
+    status = spec.pop("status", {})
+    return obj({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"namespace": ns, "name": name},
+        "spec": {"clusterIP": ip, "ports": ports or [{"name": "p80", "port": 80, "targetPort": 8080}], **spec},
+        "status": status,
+    })
+
+
+def eps(ns: str, service: str, endpoints: list, ports=None, name: str | None = None) -> object:
+    """endpoints: (ip, node) or (ip, node, {conditions})."""
+    return obj({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": ns, "name": name or f"{service}-abcde",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": ports or [{"name": "p80", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [e[0]], "nodeName": e[1], **({"conditions": e[2]} if len(e) > 2 else {})}
+                      for e in endpoints],
+    })
+
+
+def spn(ns: str, name: str, port: str = "p80", protocol: str = "TCP") -> ServicePortName:
+    return ServicePortName(ns, name, port, protocol)
+
+
+def rules(document: str, table: str, chain: str) -> list[str]:
+    """The rules a restore document (or iptables-save output) appends to one chain, without "-A CHAIN "."""
+    section = document.split(f"*{table}\n", 1)[1].split("\nCOMMIT", 1)[0]
+    head = f"-A {chain} "
+    return [line[len(head):] for line in section.splitlines() if line.startswith(head)]
+
+
+def chains(document: str, table: str) -> set[str]:
+    section = document.split(f"*{table}\n", 1)[1].split("\nCOMMIT", 1)[0]
+    return {line[1:].split(" ", 1)[0] for line in section.splitlines() if line.startswith(":")}
+
+
+# ------------------------------------------------------------------ chain names
+
+
+def test_chain_name_hashes_match_upstream():
+    assert ipt.service_chains(spn("ns1", "svc1")).svc == "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert ipt.endpoint_chain("ns1/svc1:p80", "tcp", "10.180.0.1:80") == "KUBE-SEP-SXIVWICOYRO3J4NJ"
+    names = ipt.service_chains(spn("ns1", "svc1"))
+    assert {names.svl, names.ext, names.fw} == {f"KUBE-{k}-XPGD46QRK7WJZT7O" for k in ("SVL", "EXT", "FW")}
+
+
+def test_service_port_name_prints_like_upstream():
+    assert str(spn("ns1", "svc1")) == "ns1/svc1:p80"
+    assert str(ServicePortName("ns1", "svc1", "", "TCP")) == "ns1/svc1"  # unnamed port: no colon
+
+
+# ------------------------------------------------------------------ model
+
+
+def test_build_service_ports():
+    lb = svc("ns6", "svc6", "10.96.0.16", type="LoadBalancer", externalTrafficPolicy="Local",
+             healthCheckNodePort=31999, loadBalancerSourceRanges=[" 203.0.113.0/25 "], externalIPs=["198.51.100.7"],
+             sessionAffinity="ClientIP",
+             ports=[{"name": "p80", "port": 80, "targetPort": "http", "nodePort": 30082},
+                    {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
+             status={"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}, {"hostname": "lb.example"}]}})
+    tcp, udp = build_service_ports(lb)
+    assert tcp == ServicePort(
+        name=spn("ns6", "svc6"), cluster_ip="10.96.0.16", port=80, protocol="TCP", node_port=30082,
+        external_ips=("198.51.100.7",), load_balancer_ips=("203.0.113.10",),
+        load_balancer_source_ranges=("203.0.113.0/25",), external_policy_local=True, internal_policy_local=False,
+        session_affinity_timeout=10800, health_check_node_port=31999, target_port="http")
+    assert udp.name == spn("ns6", "svc6", "dns", "UDP") and udp.node_port == 30053
+    assert build_service_ports(svc("ns", "headless", "None")) == []
+    assert build_service_ports(svc("ns", "no-ip", "")) == []
+    # externalTrafficPolicy means nothing on a ClusterIP Service without external IPs
+    (plain,) = build_service_ports(svc("ns", "c", "10.96.0.9", externalTrafficPolicy="Local"))
+    assert not plain.external_policy_local and not plain.externally_accessible
+
+
+def test_build_endpoints_resolves_ports_by_name_and_protocol_and_reads_conditions():
+    name = spn("ns1", "svc1", "http")
+    slices = [
+        eps("ns1", "svc1", [("10.244.1.5", NODE), ("10.244.2.5", "node-b", {"ready": False, "serving": True,
+                                                                               "terminating": True})],
+            ports=[{"name": "http", "port": 8080}, {"name": "http", "port": 9999, "protocol": "UDP"}], name="a"),
+        eps("ns1", "svc1", [("10.244.1.4", NODE, {"ready": True})], ports=[{"name": "http", "port": 8081}], name="b"),
+        eps("ns1", "svc1", [("10.244.1.9", NODE)], ports=[{"name": "other", "port": 1}], name="c"),
+        eps("ns1", "other", [("10.244.1.8", NODE)], ports=[{"name": "http", "port": 1}], name="d"),
+        eps("ns1", "svc1", [("10.244.1.5", NODE)], ports=[{"name": "http", "port": 8080}], name="dup"),
+    ]
+    got = build_endpoints(name, slices, NODE)
+    assert [str(e) for e in got] == ["10.244.1.4:8081", "10.244.1.5:8080", "10.244.2.5:8080"]  # sorted, no dup
+    assert got[1] == Endpoint("10.244.1.5", 8080, NODE, ready=True, serving=True, terminating=False, is_local=True)
+    assert got[2] == Endpoint("10.244.2.5", 8080, "node-b", ready=False, serving=True, terminating=True,
+                              is_local=False)
+
+
+def _ep(ip: str, local: bool, ready=True, serving=True, terminating=False) -> Endpoint:
+    return Endpoint(ip, 80, NODE if local else "node-b", ready, serving, terminating, local)
+
+
+def test_categorize_endpoints_like_upstream():
+    cluster = ServicePort(spn("a", "b"), "10.96.0.1", 80, "TCP")
+    local_ext = ServicePort(spn("a", "b"), "10.96.0.1", 80, "TCP", node_port=30000, external_policy_local=True)
+    local_int = ServicePort(spn("a", "b"), "10.96.0.1", 80, "TCP", internal_policy_local=True)
+    r_local, r_remote = _ep("10.0.0.1", True), _ep("10.0.0.2", False)
+    t_local = _ep("10.0.0.3", True, ready=False, terminating=True)
+    t_remote = _ep("10.0.0.4", False, ready=False, terminating=True)
+    dead = _ep("10.0.0.5", False, ready=False, serving=False, terminating=True)
+
+    sel = categorize_endpoints(cluster, [r_local, r_remote, t_local, dead])
+    assert sel == ((r_local, r_remote), (), (r_local, r_remote), True)
+    # no ready endpoint left: serving terminating ones are used
+    assert categorize_endpoints(cluster, [t_local, t_remote, dead]).cluster == (t_local, t_remote)
+    assert categorize_endpoints(cluster, [dead]) == ((), (), (), False)
+
+    sel = categorize_endpoints(local_ext, [r_local, r_remote])
+    assert sel == ((r_local, r_remote), (r_local,), (r_local, r_remote), True)
+    # local falls back to terminating local endpoints although remote ready ones exist
+    sel = categorize_endpoints(local_ext, [t_local, r_remote])
+    assert sel == ((r_remote,), (t_local,), (r_remote, t_local), True)
+    assert categorize_endpoints(local_ext, [r_remote]).local == ()
+
+    sel = categorize_endpoints(local_int, [r_local, r_remote])
+    assert sel == ((), (r_local,), (r_local,), True)
+    assert categorize_endpoints(local_int, [r_remote]) == ((), (), (), True)  # endpoints exist, none here
+
+
+def test_change_tracker_reports_real_changes_only():
+    tracker = ChangeTracker(NODE)
+    s1, s2 = svc("ns1", "svc1", "10.96.0.11"), svc("ns2", "svc2", "10.96.0.12")
+    e1 = eps("ns1", "svc1", [("10.244.1.2", NODE)])
+    tracker.on_service("ADDED", None, s1)
+    tracker.on_service("ADDED", None, s2)
+    tracker.on_slice("ADDED", None, e1)
+    assert tracker.take() == {spn("ns1", "svc1"), spn("ns2", "svc2")}
+    assert tracker.state.endpoints[spn("ns1", "svc1")] == (Endpoint("10.244.1.2", 8080, NODE, is_local=True),)
+    assert tracker.take() == set() and not tracker.pending
+
+    # a resync, a status-only write and A -> B -> A are no-ops
+    tracker.on_service("MODIFIED", s1, s1)
+    tracker.on_slice("MODIFIED", e1, e1)
+    moved = eps("ns1", "svc1", [("10.244.1.3", NODE)])
+    tracker.on_slice("MODIFIED", e1, moved)
+    tracker.on_slice("MODIFIED", moved, e1)
+    assert tracker.pending and tracker.take() == set()
+
+    # endpoints change; a port is renamed (old and new name change); a Service goes
+    tracker.on_slice("MODIFIED", e1, moved)
+    renamed = svc("ns2", "svc2", "10.96.0.12", ports=[{"name": "web", "port": 80}])
+    tracker.on_service("MODIFIED", s2, renamed)
+    assert tracker.take() == {spn("ns1", "svc1"), spn("ns2", "svc2"), spn("ns2", "svc2", "web")}
+    assert [str(e) for e in tracker.state.endpoints[spn("ns1", "svc1")]] == ["10.244.1.3:8080"]
+    tracker.on_service("DELETED", renamed, None)
+    tracker.on_slice("DELETED", moved, None)
+    assert tracker.take() == {spn("ns2", "svc2", "web"), spn("ns1", "svc1")}
+    assert set(tracker.state.services) == {spn("ns1", "svc1")} and tracker.state.endpoints == {}
+
+
+def test_state_from_objects_equals_the_tracked_state():
+    objects = golden_objects()
+    state = ProxyState.from_objects(*objects, NODE)
+    assert state.node_name == NODE
+    assert len(state.services) == 9  # the headless Service has none
+    assert [str(e) for e in state.endpoints_of(spn("ns1", "svc1"))] == ["10.244.1.2:8080", "10.244.2.2:8080"]
+
+
+# ------------------------------------------------------------------ rendering: golden
+
+
+def test_golden_document_of_upstreams_basic_case():
+    """The case of upstream's proxier_test.go "basic test", with its expected output."""
+    state = ProxyState.from_objects(
+        [svc("ns1", "svc1", "172.30.0.41", ports=[{"name": "p80", "port": 80}])],
+        [eps("ns1", "svc1", [("10.180.0.1", "node1")], ports=[{"name": "p80", "port": 80}])], "node1")
+    result = ipt.render(state, config=ipt.Config(cluster_cidr="10.0.0.0/8"))
+    assert result.document == GOLDEN_BASIC
+    assert result.chains == {"KUBE-SVC-XPGD46QRK7WJZT7O", "KUBE-SEP-SXIVWICOYRO3J4NJ"}
+    assert result.full and not result.deleted
+
+
+GOLDEN_BASIC = """\
+*filter
+:KUBE-SERVICES - [0:0]
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-XPGD46QRK7WJZT7O - [0:0]
+:KUBE-SEP-SXIVWICOYRO3J4NJ - [0:0]
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE
+-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000
+-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 172.30.0.41 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ
+-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" -j KUBE-SEP-SXIVWICOYRO3J4NJ
+-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -s 10.180.0.1 -j KUBE-MARK-MASQ
+-A KUBE-SEP-SXIVWICOYRO3J4NJ -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.1:80
+COMMIT
+"""
+
+
+def golden_objects():
+    """The fixed set: one Service per behaviour, on node-a."""
+    services = [
+        svc("ns1", "svc1", "10.96.0.11"),  # ClusterIP, two endpoints
+        svc("ns2", "svc2", "10.96.0.12", type="NodePort",
+            ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30082}]),
+        svc("ns3", "svc3", "10.96.0.13", type="NodePort", externalTrafficPolicy="Local",  # one local, one remote
+            ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30083}]),
+        svc("ns4", "svc4", "10.96.0.14"),  # no endpoints
+        svc("ns5", "svc5", "10.96.0.15", sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}}),
+        svc("ns6", "svc6", "10.96.0.16", type="LoadBalancer", externalTrafficPolicy="Cluster",
+            loadBalancerSourceRanges=["203.0.113.0/25", "172.18.0.0/16"],
+            ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30086}],
+            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}),
+        svc("ns7", "svc7", "10.96.0.17", type="NodePort", externalTrafficPolicy="Local",  # remote endpoint only
+            ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30087}]),
+        svc("ns8", "svc8", "10.96.0.18", internalTrafficPolicy="Local"),  # remote endpoint only
+        svc("ns9", "svc9", "10.96.0.19", externalIPs=["198.51.100.9"]),
+        svc("ns0", "headless", "None"),
+    ]
+    slices = [
+        eps("ns1", "svc1", [("10.244.1.2", NODE), ("10.244.2.2", "node-b")]),
+        eps("ns2", "svc2", [("10.244.1.3", NODE)]),
+        eps("ns3", "svc3", [("10.244.1.4", NODE), ("10.244.2.4", "node-b")]),
+        eps("ns4", "svc4", []),
+        eps("ns5", "svc5", [("10.244.1.6", NODE), ("10.244.2.6", "node-b")]),
+        eps("ns6", "svc6", [("10.244.2.7", "node-b")]),
+        eps("ns7", "svc7", [("10.244.2.8", "node-b")]),
+        eps("ns8", "svc8", [("10.244.2.9", "node-b")]),
+        eps("ns9", "svc9", [("10.244.1.10", NODE)]),
+        eps("ns0", "headless", [("10.244.1.11", NODE)]),
+    ]
+    return services, slices
+
+
+@pytest.fixture
+def golden():
+    state = ProxyState.from_objects(*golden_objects(), NODE)
+    return state, ipt.render(state, config=CONFIG)
+
+
+def names(ns: str) -> ipt.ServiceChains:
+    return ipt.service_chains(spn(ns, ns.replace("ns", "svc")))
+
+
+def sep(ns: str, addr: str) -> str:
+    return ipt.endpoint_chain(f"{ns}/{ns.replace('ns', 'svc')}:p80", "tcp", addr)
+
+
+def test_golden_clusterip_with_two_endpoints(golden):
+    _, result = golden
+    doc, c = result.document, names("ns1")
+    a, b = sep("ns1", "10.244.1.2:8080"), sep("ns1", "10.244.2.2:8080")
+    assert f'-m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 10.96.0.11 --dport 80 -j {c.svc}' \
+        in rules(doc, "nat", "KUBE-SERVICES")
+    assert rules(doc, "nat", c.svc) == [
+        f'-m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d 10.96.0.11 --dport 80 '
+        f'! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ',
+        f'-m comment --comment "ns1/svc1:p80 -> 10.244.1.2:8080" -m statistic --mode random '
+        f'--probability 0.5000000000 -j {a}',
+        f'-m comment --comment "ns1/svc1:p80 -> 10.244.2.2:8080" -j {b}',
+    ]
+    assert rules(doc, "nat", a) == [
+        "-m comment --comment ns1/svc1:p80 -s 10.244.1.2 -j KUBE-MARK-MASQ",  # hairpin
+        "-m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination 10.244.1.2:8080",
+    ]
+    assert {c.svc, a, b} <= result.chains and c.ext not in result.chains
+
+
+def test_golden_nodeport(golden):
+    doc = golden[1].document
+    c = names("ns2")
+    assert f"-m comment --comment ns2/svc2:p80 -m tcp -p tcp --dport 30082 -j {c.ext}" \
+        in rules(doc, "nat", "KUBE-NODEPORTS")
+    assert rules(doc, "nat", c.ext) == [
+        '-m comment --comment "masquerade traffic for ns2/svc2:p80 external destinations" -j KUBE-MARK-MASQ',
+        f"-j {c.svc}",
+    ]
+    last = rules(doc, "nat", "KUBE-SERVICES")[-1]
+    assert last.endswith("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+
+
+def test_golden_local_policy_with_a_local_and_a_remote_endpoint(golden):
+    doc, result = golden[1].document, golden[1]
+    c = names("ns3")
+    local, remote = sep("ns3", "10.244.1.4:8080"), sep("ns3", "10.244.2.4:8080")
+    assert rules(doc, "nat", c.ext) == [
+        f'-m comment --comment "pod traffic for ns3/svc3:p80 external destinations" -s {CLUSTER_CIDR} -j {c.svc}',
+        '-m comment --comment "masquerade LOCAL traffic for ns3/svc3:p80 external destinations" '
+        "-m addrtype --src-type LOCAL -j KUBE-MARK-MASQ",
+        '-m comment --comment "route LOCAL traffic for ns3/svc3:p80 external destinations" '
+        f"-m addrtype --src-type LOCAL -j {c.svc}",
+        f"-j {c.svl}",
+    ]
+    assert rules(doc, "nat", c.svl) == [f'-m comment --comment "ns3/svc3:p80 -> 10.244.1.4:8080" -j {local}']
+    assert [r.rsplit(" ", 1)[1] for r in rules(doc, "nat", c.svc)] == ["KUBE-MARK-MASQ", local, remote]
+    assert {c.svc, c.svl, c.ext, local, remote} <= result.chains
+    assert "ns3/svc3:p80 has no" not in doc
+
+
+def test_golden_no_endpoints_rejects_and_local_without_local_endpoints_drops(golden):
+    doc, result = golden[1].document, golden[1]
+    assert rules(doc, "filter", "KUBE-SERVICES") == [
+        '-m comment --comment "ns4/svc4:p80 has no endpoints" -m tcp -p tcp -d 10.96.0.14 --dport 80 -j REJECT',
+        '-m comment --comment "ns8/svc8:p80 has no local endpoints" -m tcp -p tcp -d 10.96.0.18 --dport 80 -j DROP',
+    ]
+    assert not any("10.96.0.14" in r or "10.96.0.18" in r for r in rules(doc, "nat", "KUBE-SERVICES"))
+    assert not any(ch.endswith(names("ns4").svc[-16:]) for ch in result.chains)  # no nat chain at all
+    # svc7: external traffic policy Local, its only endpoint elsewhere: NodePort traffic dropped...
+    assert rules(doc, "filter", "KUBE-EXTERNAL-SERVICES") == [
+        '-m comment --comment "ns7/svc7:p80 has no local endpoints" -m addrtype --dst-type LOCAL '
+        "-m tcp -p tcp --dport 30087 -j DROP",
+    ]
+    # ...except from pods and the node itself, short-circuited to the cluster-wide endpoints
+    c = names("ns7")
+    assert [r.rsplit(" ", 1)[1] for r in rules(doc, "nat", c.ext)] == [c.svc, "KUBE-MARK-MASQ", c.svc]
+    assert c.svl not in result.chains
+
+
+def test_golden_client_ip_affinity(golden):
+    doc = golden[1].document
+    c = names("ns5")
+    a, b = sep("ns5", "10.244.1.6:8080"), sep("ns5", "10.244.2.6:8080")
+    assert rules(doc, "nat", c.svc)[1:] == [
+        f'-m comment --comment "ns5/svc5:p80 -> 10.244.1.6:8080" -m recent --name {a} --rcheck --seconds 600 '
+        f"--reap -j {a}",
+        f'-m comment --comment "ns5/svc5:p80 -> 10.244.2.6:8080" -m recent --name {b} --rcheck --seconds 600 '
+        f"--reap -j {b}",
+        f'-m comment --comment "ns5/svc5:p80 -> 10.244.1.6:8080" -m statistic --mode random '
+        f"--probability 0.5000000000 -j {a}",
+        f'-m comment --comment "ns5/svc5:p80 -> 10.244.2.6:8080" -j {b}',
+    ]
+    assert rules(doc, "nat", a)[1] == (f"-m comment --comment ns5/svc5:p80 -m recent --name {a} --set "
+                                       "-m tcp -p tcp -j DNAT --to-destination 10.244.1.6:8080")
+
+
+def test_golden_load_balancer_with_source_ranges(golden):
+    doc = golden[1].document
+    c = names("ns6")
+    assert f'-m comment --comment "ns6/svc6:p80 loadbalancer IP" -m tcp -p tcp -d 203.0.113.10 --dport 80 ' \
+           f"-j {c.fw}" in rules(doc, "nat", "KUBE-SERVICES")
+    assert rules(doc, "nat", c.fw) == [
+        f'-m comment --comment "ns6/svc6:p80 loadbalancer IP" -s 203.0.113.0/25 -j {c.ext}',
+        f'-m comment --comment "ns6/svc6:p80 loadbalancer IP" -s 172.18.0.0/16 -j {c.ext}',
+        # the node's own IP is in a range: the node reaching its LB IP comes from that IP
+        f'-m comment --comment "ns6/svc6:p80 loadbalancer IP" -s 203.0.113.10 -j {c.ext}',
+        '-m comment --comment "other traffic to ns6/svc6:p80 will be dropped by KUBE-PROXY-FIREWALL"',
+    ]
+    assert rules(doc, "filter", "KUBE-PROXY-FIREWALL") == [
+        f'-m comment --comment "ns6/svc6:p80 traffic not accepted by {c.fw}" -m tcp -p tcp -d 203.0.113.10 '
+        "--dport 80 -j DROP",
+    ]
+    assert f"-m comment --comment ns6/svc6:p80 -m tcp -p tcp --dport 30086 -j {c.ext}" \
+        in rules(doc, "nat", "KUBE-NODEPORTS")  # NodePorts bypass the source ranges, as upstream
+
+
+def test_golden_external_ip_and_headless(golden):
+    state, result = golden
+    c = names("ns9")
+    assert f'-m comment --comment "ns9/svc9:p80 external IP" -m tcp -p tcp -d 198.51.100.9 --dport 80 ' \
+           f"-j {c.ext}" in rules(result.document, "nat", "KUBE-SERVICES")
+    assert "headless" not in result.document
+
+
+def test_comments_dropped_in_large_clusters_as_upstream(golden):
+    state, _ = golden
+    doc = ipt.render(state, config=ipt.Config(cluster_cidr=CLUSTER_CIDR, large_cluster_endpoints=3)).document
+    a = sep("ns1", "10.244.1.2:8080")
+    assert rules(doc, "nat", a) == ["-s 10.244.1.2 -j KUBE-MARK-MASQ",
+                                    "-m tcp -p tcp -j DNAT --to-destination 10.244.1.2:8080"]
+    assert '-m comment --comment "ns1/svc1:p80 cluster IP"' in "\n".join(rules(doc, "nat", "KUBE-SERVICES"))
+
+
+def test_without_cluster_cidr_no_local_detector_rules(golden):
+    state, _ = golden
+    doc = ipt.render(state).document
+    assert "! -s" not in doc and "pod traffic for" not in doc
+    masq_all = ipt.render(state, config=ipt.Config(masquerade_all=True, random_fully=True)).document
+    assert rules(masq_all, "nat", names("ns1").svc)[0].endswith("--dport 80 -j KUBE-MARK-MASQ")
+    assert rules(masq_all, "nat", "KUBE-POSTROUTING")[-1].endswith("-j MASQUERADE --random-fully")
+
+
+def test_probabilities():
+    state = ProxyState.from_objects(
+        [svc("ns", "s", "10.96.0.30")], [eps("ns", "s", [(f"10.244.1.{i}", NODE) for i in range(2, 6)])], NODE)
+    doc = ipt.render(state).document
+    probabilities = [re.search(r"--probability (\S+)", r) for r in rules(doc, "nat", names_of("ns", "s").svc)]
+    assert [m.group(1) if m else None for m in probabilities] == ["0.2500000000", "0.3333333333", "0.5000000000",
+                                                                  None]
+
+
+def names_of(ns: str, name: str) -> ipt.ServiceChains:
+    return ipt.service_chains(spn(ns, name))
+
+
+# ------------------------------------------------------------------ rendering: partial sync
+
+
+def test_partial_render_rewrites_only_changed_services():
+    tracker = ChangeTracker(NODE)
+    services, slices = golden_objects()
+    for s in services:
+        tracker.on_service("ADDED", None, s)
+    for e in slices:
+        tracker.on_slice("ADDED", None, e)
+    tracker.take()
+    first = ipt.render(tracker.state, config=CONFIG)
+
+    old1 = sep("ns1", "10.244.2.2:8080")
+    tracker.on_slice("MODIFIED", slices[0], eps("ns1", "svc1", [("10.244.1.2", NODE), ("10.244.2.3", "node-b")]))
+    tracker.on_service("DELETED", services[1], None)
+    changed = tracker.take()
+    assert changed == {spn("ns1", "svc1"), spn("ns2", "svc2")}
+    result = ipt.render(tracker.state, changed, first.chains, config=CONFIG)
+    new1 = sep("ns1", "10.244.2.3:8080")
+    declared = chains(result.document, "nat")
+    assert declared == {*ipt.NAT_CHAINS, names("ns1").svc, sep("ns1", "10.244.1.2:8080"), new1,  # rewritten
+                        old1, names("ns2").svc, names("ns2").ext, sep("ns2", "10.244.1.3:8080")}  # stale
+    assert result.deleted == {old1, names("ns2").svc, names("ns2").ext, sep("ns2", "10.244.1.3:8080")}
+    assert [f"-X {ch}" for ch in sorted(result.deleted)] == \
+        [line for line in result.document.splitlines() if line.startswith("-X ")]
+    assert result.chains == (first.chains - result.deleted) | {new1} and not result.full
+    # top-level chains are complete, and the filter table is whole
+    assert rules(result.document, "nat", "KUBE-SERVICES") == [
+        r for r in rules(first.document, "nat", "KUBE-SERVICES") if "ns2/svc2" not in r]
+    assert chains(result.document, "filter") == set(ipt.FILTER_CHAINS)
+    # a full render of the same state: the same rules, every chain declared
+    full = ipt.render(tracker.state, None, first.chains, config=CONFIG)
+    assert full.chains == result.chains and full.deleted == result.deleted
+    assert set(rules(result.document, "nat", names("ns1").svc)) == set(rules(full.document, "nat", names("ns1").svc))
+
+
+def test_hook_rules_are_upstreams():
+    hooks = ipt.hook_rules()
+    assert ipt.HookRule("nat", "PREROUTING", ("-m", "comment", "--comment", "kubernetes service portals",
+                                              "-j", "KUBE-SERVICES")) in hooks
+    assert ipt.HookRule("filter", "FORWARD", ("-m", "conntrack", "--ctstate", "NEW", "-m", "comment", "--comment",
+                                              "kubernetes service portals", "-j", "KUBE-SERVICES")) in hooks
+    assert {(h.table, h.chain, h.args[-1]) for h in hooks} >= {
+        ("nat", "OUTPUT", "KUBE-SERVICES"), ("nat", "POSTROUTING", "KUBE-POSTROUTING"),
+        ("filter", "INPUT", "KUBE-NODEPORTS"), ("filter", "FORWARD", "KUBE-FORWARD"),
+        ("filter", "OUTPUT", "KUBE-PROXY-FIREWALL"), ("filter", "INPUT", "KUBE-EXTERNAL-SERVICES")}
+    assert hooks[0].insert_argv()[:5] == ["-t", "filter", "-I", "INPUT", "1"]
+
+
+def test_render_speed_10k_services():
+    """10,000 Services x 5 endpoints; timings are reported by the renderer benchmark in the report."""
+    state = ProxyState(NODE)
+    for i in range(10000):
+        name = spn("bench", f"s{i}", "http")
+        state.services[name] = ServicePort(name, f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}", 80, "TCP")
+        state.endpoints[name] = tuple(
+            Endpoint(f"10.{244 + k // 65536}.{k // 256 % 256}.{k % 256}", 8080, f"n{k % 3}", is_local=k % 3 == 0)
+            for k in range(i * 5, i * 5 + 5))
+    ipt.render(state, config=CONFIG)  # chain names cached from here on
+    start = time.perf_counter()
+    result = ipt.render(state, config=CONFIG)
+    elapsed = time.perf_counter() - start
+    assert result.document.count("\n") > 230000
+    assert elapsed < 3.0, elapsed  # about 0.4 s on the 2-core test machine
+
+
+# ------------------------------------------------------------------ real kernel
+
+needs_kernel = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("iptables-restore") is None or shutil.which("ip") is None,
+    reason="needs root, ip and iptables-restore (network namespaces)")
+
+
+class Namespaces:
+    """Network namespaces named pxt<pid><random>-<role>, and the processes started in them."""
+
+    def __init__(self) -> None:
+        self.prefix = f"pxt{os.getpid()}{secrets.token_hex(2)}"
+        self.names: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def add(self, role: str) -> str:
+        name = f"{self.prefix}-{role}"
+        run(["ip", "netns", "add", name])
+        self.names.append(name)
+        run(["ip", "-n", name, "link", "set", "lo", "up"])
+        return name
+
+    def popen(self, ns: str, *cmd: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        self.procs.append(proc)
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        for name in reversed(self.names):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        self.names.clear()
+
+
+def run(cmd: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd[:6])}... exited {result.returncode}: {result.stderr.strip()}")
+    return result
+
+
+def in_ns(ns: str, *cmd: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["ip", "netns", "exec", ns, *cmd], input=input, check=check)
+
+
+def restore(ns: str, document: str) -> None:
+    in_ns(ns, "iptables-restore", *ipt.RESTORE_FLAGS, input=document)
+
+
+def ensure_hooks(ns: str) -> None:
+    """What the applier does on a full sync: check each hook rule, insert it if missing."""
+    for hook in ipt.hook_rules():
+        if in_ns(ns, "iptables", "-w", *hook.check_argv(), check=False).returncode != 0:
+            in_ns(ns, "iptables", "-w", *hook.insert_argv())
+
+
+def saved(ns: str) -> str:
+    return in_ns(ns, "iptables-save").stdout
+
+
+@pytest.fixture
+def netns():
+    spaces = Namespaces()
+    try:
+        yield spaces
+    finally:
+        spaces.cleanup()
+        leftovers = [n for n in os.listdir("/run/netns") if n.startswith(spaces.prefix)] \
+            if os.path.isdir("/run/netns") else []
+        assert not leftovers
+
+
+@needs_kernel
+def test_kernel_loads_the_golden_document(netns, golden):
+    state, result = golden
+    node = netns.add("node")
+    restore(node, result.document)
+    ensure_hooks(node)
+    ensure_hooks(node)  # idempotent: -C finds what -I put there
+    dump = saved(node)
+    assert result.chains <= chains(dump, "nat")
+    assert set(ipt.FILTER_CHAINS) <= chains(dump, "filter")
+    assert sum(r.endswith("-j KUBE-SERVICES") for r in rules(dump, "nat", "PREROUTING")) == 1
+    assert len(rules(dump, "filter", "FORWARD")) == 4 and len(rules(dump, "filter", "INPUT")) == 3
+    # the kernel's normalised spelling of what was written
+    c1 = names("ns1")
+    assert "--probability 0.50000000000" in rules(dump, "nat", c1.svc)[1]
+    assert rules(dump, "nat", "KUBE-SERVICES")[-1].endswith("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    assert any("10.96.0.14/32" in r and "has no endpoints" in r and "REJECT" in r
+               for r in rules(dump, "filter", "KUBE-SERVICES"))
+    assert any("--dport 30087" in r and "DROP" in r for r in rules(dump, "filter", "KUBE-EXTERNAL-SERVICES"))
+    a = sep("ns5", "10.244.1.6:8080")
+    assert any(f"--name {a}" in r and "--set" in r and "--to-destination 10.244.1.6:8080" in r
+               for r in rules(dump, "nat", a))
+    assert rules(dump, "nat", "KUBE-MARK-MASQ") == ["-j MARK --set-xmark 0x4000/0x4000"]
+    # applying the same document again changes nothing
+    restore(node, result.document)
+    assert saved_rules(saved(node)) == saved_rules(dump)
+
+
+def saved_rules(dump: str) -> list[str]:
+    return [line for line in dump.splitlines() if not line.startswith("#")]
+
+
+@needs_kernel
+def test_kernel_partial_sync(netns):
+    node = netns.add("node")
+    tracker = ChangeTracker(NODE)
+    services, slices = golden_objects()
+    for s in services:
+        tracker.on_service("ADDED", None, s)
+    for e in slices:
+        tracker.on_slice("ADDED", None, e)
+    tracker.take()
+    first = ipt.render(tracker.state, config=CONFIG)
+    restore(node, first.document)
+    # Marker rules show which chains a sync flushed: a rewritten chain loses its marker.
+    untouched, rewritten = names("ns3").svc, names("ns1").svc
+    for chain in (untouched, rewritten):
+        in_ns(node, "iptables", "-w", "-t", "nat", "-A", chain, "-m", "comment", "--comment", "marker")
+
+    tracker.on_slice("MODIFIED", slices[0], eps("ns1", "svc1", [("10.244.1.2", NODE), ("10.244.2.3", "node-b")]))
+    tracker.on_service("DELETED", services[1], None)
+    second = ipt.render(tracker.state, tracker.take(), first.chains, config=CONFIG)
+    assert untouched not in chains(second.document, "nat")  # not even declared
+    restore(node, second.document)
+
+    dump = saved(node)
+    present = {ch for ch in chains(dump, "nat") if ipt.is_service_chain(ch)}
+    assert present == second.chains
+    assert "marker" in rules(dump, "nat", untouched)[-1]
+    assert not any("marker" in r for r in rules(dump, "nat", rewritten))
+    assert sep("ns1", "10.244.2.3:8080") in present and sep("ns1", "10.244.2.2:8080") not in present
+    assert not any(ch.endswith(names("ns2").svc[-16:]) for ch in present)  # svc2 deleted: all its chains gone
+    assert not any("ns2/svc2" in r for r in rules(dump, "nat", "KUBE-SERVICES") + rules(dump, "nat", "KUBE-NODEPORTS"))
+    assert any("ns3/svc3" in r for r in rules(dump, "nat", "KUBE-NODEPORTS"))
+    # the kernel's view matches a full render of the same state
+    assert ipt.service_chains_in(in_ns(node, "iptables-save", "-t", "nat").stdout) == second.chains
+
+
+# ------------------------------------------------------------------ real packets
+
+SERVER = r"""
+import socket, sys
+name = sys.argv[1]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(64)
+s.settimeout(60)  # exits by itself once idle
+print("listening", flush=True)
+while True:
+    try:
+        c, peer = s.accept()
+    except socket.timeout:
+        break
+    c.sendall(f"{name} {peer[0]}".encode())
+    c.close()
+"""
+
+
+def link(ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> None:
+    """A veth pair made inside ns_a with its peer created directly in ns_b (never in the root namespace)."""
+    run(["ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b])
+    for ns, ifname, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
+        run(["ip", "-n", ns, "addr", "add", ip, "dev", ifname])
+        run(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+
+def ask(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:
+    """Connect from namespace ns; the server's answer "<pod> <client address it saw>"."""
+    from testbed.runtime.podnet import entered_netns
+
+    with entered_netns(ns):
+        sock = socket.socket()
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((ip, port))
+        return sock.recv(100).decode()
+
+
+@needs_kernel
+def test_packets_through_the_rules(netns):
+    """node-a's namespace holds the rules; pod1 (on node-a) and pod2 ("on node-b") serve; a client
+    pod and an outside client connect."""
+    node = netns.add("node")
+    pods = {role: netns.add(role) for role in ("pod1", "pod2", "client", "ext")}
+    in_ns(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")  # the node namespace's own sysctl
+    for role, node_if, gateway, ip in (("pod1", "veth1", "10.244.1.1", "10.244.1.2"),
+                                       ("pod2", "veth2", "10.244.2.1", "10.244.2.2"),
+                                       ("client", "veth3", "10.244.3.1", "10.244.3.2"),
+                                       ("ext", "eth0", "203.0.113.1", "203.0.113.2")):
+        link(node, node_if, f"{gateway}/24", pods[role], "eth0", f"{ip}/24")
+        run(["ip", "-n", pods[role], "route", "add", "default", "via", gateway])
+    # The node's own address sits on its outside interface; the Service CIDR must lead somewhere
+    # for the node's own connections (a real node has a default route).
+    run(["ip", "-n", node, "addr", "add", f"{NODE_IP}/16", "dev", "eth0"])
+    run(["ip", "-n", node, "route", "add", "10.96.0.0/12", "dev", "eth0", "src", NODE_IP])
+    for role in ("pod1", "pod2"):
+        server = netns.popen(pods[role], sys.executable, "-c", SERVER, role)
+        assert server.stdout.readline().strip() == "listening", server.stderr.read()
+
+    services = [
+        svc("default", "web", "10.96.0.20"),
+        svc("default", "empty", "10.96.0.21"),
+        svc("default", "local", "10.96.0.22", type="NodePort", externalTrafficPolicy="Local",
+            ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30080}]),
+    ]
+    both = [("10.244.1.2", NODE), ("10.244.2.2", "node-b")]
+    slices = [eps("default", "web", both), eps("default", "empty", []), eps("default", "local", both)]
+    state = ProxyState.from_objects(services, slices, NODE)
+    restore(node, ipt.render(state, config=CONFIG).document)
+    ensure_hooks(node)
+
+    # ClusterIP from a pod: DNAT to both endpoints, the pod's own address kept
+    answers = {ask(pods["client"], "10.96.0.20", 80) for _ in range(30)}
+    assert answers == {"pod1 10.244.3.2", "pod2 10.244.3.2"}
+    # ClusterIP from the node itself (source 172.18.0.2, outside the cluster CIDR): masqueraded
+    answers = {ask(node, "10.96.0.20", 80) for _ in range(30)}
+    assert answers == {"pod1 10.244.1.1", "pod2 10.244.2.1"}
+
+    # No endpoints: REJECT, refused at once rather than a timeout
+    for client in (pods["client"], node):
+        start = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            ask(client, "10.96.0.21", 80, timeout=5)
+        assert time.monotonic() - start < 1
+
+    # NodePort with externalTrafficPolicy Local from outside: the local endpoint only, client IP kept
+    answers = {ask(pods["ext"], NODE_IP, 30080) for _ in range(20)}
+    assert answers == {"pod1 203.0.113.2"}
+    # the same NodePort from a pod is short-circuited to every endpoint
+    answers = {ask(pods["client"], NODE_IP, 30080) for _ in range(30)}
+    assert answers == {"pod1 10.244.3.2", "pod2 10.244.3.2"}
+
+    # A partial sync removes web's endpoints: its clients are refused from then on
+    tracker = ChangeTracker(NODE)
+    for s in services:
+        tracker.on_service("ADDED", None, s)
+    for e in slices:
+        tracker.on_slice("ADDED", None, e)
+    tracker.take()
+    before = ipt.render(tracker.state, config=CONFIG)
+    tracker.on_slice("MODIFIED", slices[0], eps("default", "web", []))
+    after = ipt.render(tracker.state, tracker.take(), before.chains, config=CONFIG)
+    restore(node, after.document)
+    with pytest.raises(ConnectionRefusedError):
+        ask(pods["client"], "10.96.0.20", 80)
+    assert ask(pods["ext"], NODE_IP, 30080) == "pod1 203.0.113.2"  # untouched Service still served
