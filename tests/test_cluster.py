@@ -310,3 +310,52 @@ def test_node_failure_takes_its_pods_out_of_the_endpoints(make_cluster):
             break
         time.sleep(0.3)
     assert status == "Unknown" and not ready & on_node2
+
+
+def test_container_command_runs_unprivileged_and_readiness_probes_gate_ready(make_cluster):
+    c = make_cluster()
+    c.up("--nodes", "1")
+    c.svclab("apply", "-f", "-", check=True, input="""
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  containers:
+    - name: web
+      image: python
+      command: [python3, -m, http.server, "8080"]
+      ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: never-ready}
+spec:
+  containers:
+    - name: c
+      image: anything
+      ports: [{containerPort: 8080}]
+      readinessProbe:
+        httpGet: {path: /, port: 9999}
+        periodSeconds: 1
+""")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pods = pods_by_name(c)
+        web = pods.get("web", {})
+        ready = {n: any(x["type"] == "Ready" and x["status"] == "True" for x in p["status"].get("conditions", []))
+                 for n, p in pods.items()}
+        if ready.get("web") and pods.get("never-ready", {}).get("status", {}).get("phase") == "Running":
+            break
+        time.sleep(0.3)
+    assert ready["web"] and not ready["never-ready"]
+    r = c.exec("node1", "curl", "-s", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}",
+               f"http://{web['status']['podIP']}:8080/")
+    assert r.stdout == "200"
+    # the command runs as nobody (it cannot read the cluster's token): the owner of the
+    # process that listens on 8080 in the pod's namespace
+    r = c.exec("web", "sh", "-c", "pid=$(ss -Hltnp 'sport = :8080' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2);"
+                                  " stat -c %U /proc/$pid")
+    assert r.stdout.strip() == "nobody", (r.stdout, r.stderr)
+    time.sleep(2)  # still not ready after more probes
+    pod = pods_by_name(c)["never-ready"]
+    assert not any(x["type"] == "Ready" and x["status"] == "True" for x in pod["status"]["conditions"])
