@@ -9,6 +9,8 @@ applies the Services it needs. IP plan: nodes 172.18.0.2-4, client 203.0.113.2
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -290,3 +292,89 @@ def test_ipvs_mode_is_refused_with_the_way_out(tmp_path):
     assert r.returncode == 1
     assert "IPVS" in r.stderr and "--proxy-mode iptables" in r.stderr and "VM" in r.stderr
     assert not leftovers("tipvs")
+
+
+ECHO_CLIENT = """
+import socket, sys, time, pathlib
+host, port, flag = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
+s = socket.create_connection((host, port), timeout=5)
+s.sendall(b"before\\n"); print(s.recv(100).decode().strip(), flush=True)
+flag.write_text("connected")
+deadline = time.monotonic() + 60
+while flag.read_text() != "go" and time.monotonic() < deadline:
+    time.sleep(0.05)
+s.sendall(b"after\\n"); print(s.recv(100).decode().strip(), flush=True)
+"""
+
+
+def test_kube_proxy_kill_9_and_restart_keeps_connections_and_converges(lab, tmp_path):
+    from testbed.runtime.processes import ProcessTable
+
+    apply(lab, """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: echo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec:
+      containers:
+        - {name: echo, image: socat, command: [socat, "TCP-LISTEN:7000,fork,reuseaddr", "EXEC:cat"],
+           ports: [{containerPort: 7000}]}
+""")
+    apply(lab, service("echo", "  type: NodePort\n  selector: {app: echo}\n  ports: [{port: 7000, targetPort: 7000, nodePort: 30700}]\n"))
+    deadline = time.monotonic() + 30
+    while not any(e["conditions"].get("ready") for s in lab.json("endpointslices", "-l", "kubernetes.io/service-name=echo")["items"]
+                  for e in s.get("endpoints", [])):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    time.sleep(0.5)
+    flag = tmp_path / "flag"
+    flag.write_text("")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "--state-root", str(lab.root), "--name", lab.name, "exec", "client", "--",
+         sys.executable, "-c", ECHO_CLIENT, NODES[0], "30700", str(flag)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 20
+        while flag.read_text() != "connected":
+            assert time.monotonic() < deadline and client.poll() is None, client.communicate()
+            time.sleep(0.05)
+        table = ProcessTable(lab.state)
+        old = table.load()["kube-proxy-node1"]
+        os.kill(old.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        # restart it as `svclab up` started it; the table records it so `down` stops it
+        table.start("kube-proxy-node1", [
+            "--state-dir", str(lab.state), "--name", lab.name, "kube-proxy", "--node-name", "node1",
+            "--cluster-cidr", "10.244.0.0/16", "--min-sync-period", "100ms",
+            "--metrics-address", f"{NODES[0]}:10249"], netns=f"{lab.name}-node1")
+        deadline = time.monotonic() + 20
+        while True:
+            r = lab.exec("node1", "curl", "-s", "--max-time", "2", f"http://{NODES[0]}:10249/healthz")
+            if r.returncode == 0 and '"lastUpdated": "2' in r.stdout:
+                break
+            assert time.monotonic() < deadline, r
+            time.sleep(0.2)
+        flag.write_text("go")
+        out, err = client.communicate(timeout=30)
+        assert out.split() == ["before", "after"], (out, err)  # the established connection survived
+    finally:
+        if client.poll() is None:
+            client.kill()
+    # converged: every jump from a built-in chain exactly once, no duplicate rules
+    saved = lab.exec("node1", "iptables-save").stdout
+    rules = [l for l in saved.splitlines() if l.startswith("-A ")]
+    dupes = {r for r in rules if rules.count(r) > 1}
+    assert not dupes, dupes
+    assert sum(1 for r in rules if r.startswith("-A PREROUTING") and "KUBE-SERVICES" in r) == 1
+    assert get_json_raw(lab, "client", f"http://{NODES[0]}:30007/")
+    delete(lab, "deploy", "echo")
+    delete(lab, "svc", "echo")
+
+
+def get_json_raw(lab: LabCluster, where: str, url: str) -> bool:
+    apply(lab, (SEED / "service-nodeport.yaml").read_text())
+    return bool(get_json(lab, where, url))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from testbed.client.client import ApiClient
 from testbed.client.informer import run_worker
+from testbed.component import run_component
 from testbed.controllers.base import Informers
 from testbed.controllers.deployment import DeploymentController
 from testbed.controllers.endpointslice import EndpointSliceController
@@ -43,22 +43,5 @@ async def run_controllers(client: ApiClient, cluster_cidr: str, node_grace_perio
         task.result()
 
 
-async def main(address: str, token: str, cluster_cidr: str, node_grace_period: float) -> None:
-    client = ApiClient(address, token)
-    await client.wait_ready(timeout=30)
-    work = asyncio.create_task(run_controllers(client, cluster_cidr, node_grace_period))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
-    if work.done():
-        work.result()
-    work.cancel()
-    await client.close()
-
-
 def run(address: str, token: str, cluster_cidr: str, node_grace_period: float) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main(address, token, cluster_cidr, node_grace_period))
+    run_component(address, token, lambda client: run_controllers(client, cluster_cidr, node_grace_period))

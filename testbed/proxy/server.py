@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
 from testbed import simplehttp
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer
+from testbed.component import run_component
 from testbed.proxy import conntrack
 from testbed.proxy.healthcheck import HealthCheckServers
 from testbed.proxy.metrics import HealthState, ProxyMetrics, metrics_handler
@@ -117,28 +117,18 @@ class ProxyServer:
             task.result()
 
 
-async def main(address: str, token: str, node_name: str, backend, min_sync_period: float,
-               metrics_address: str) -> None:
-    client = ApiClient(address, token)
-    await client.wait_ready(timeout=30)
-    server = ProxyServer(client, node_name, backend, min_sync_period)
-    work = asyncio.create_task(server.run(metrics_address))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([work, stopper], return_when=asyncio.FIRST_COMPLETED)
-    if work.done():
-        work.result()
-    work.cancel()
-    server.healthchecks.close()
-    await client.close()
-
-
 def run(address: str, token: str, node_name: str, backend, min_sync_period: float, metrics_address: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    asyncio.run(main(address, token, node_name, backend, min_sync_period, metrics_address))
+    servers: list[ProxyServer] = []
+
+    async def work(client: ApiClient) -> None:
+        servers.append(ProxyServer(client, node_name, backend, min_sync_period))
+        await servers[0].run(metrics_address)
+
+    async def cleanup() -> None:
+        for server in servers:
+            server.healthchecks.close()
+
+    run_component(address, token, work, cleanup)
 
 
 def udp_endpoints(state: ProxyState) -> set[tuple[str, int, str]]:
