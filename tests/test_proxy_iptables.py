@@ -5,7 +5,9 @@ IP plan (the testbed's own ranges, see environment.md):
   pods      10.244.0.0/16 (the cluster CIDR); node-a's pods in 10.244.1.0/24, node-b's in 10.244.2.0/24
   services  10.96.0.0/12: 10.96.0.1x in the golden set, 10.96.0.2x in the packet test
   nodes     172.18.0.2 node-a (this node), 172.18.0.3 node-b
-  external  203.0.113.0/24: LoadBalancer IP 203.0.113.10, an outside client 203.0.113.2
+  external  203.0.113.0/24: LoadBalancer IP 203.0.113.10, external IPs 203.0.113.7 and .9, an
+            outside client 203.0.113.2 behind the node's 203.0.113.1
+  upstream's golden "basic test" keeps its own addresses (172.30.0.41, 10.180.0.1): rendered only
 
 Kernel tests run only inside network namespaces named pxt<pid><random>-*, made by the
 `netns` fixture and deleted at teardown, pass or fail, together with every process started
@@ -14,6 +16,7 @@ in them. Nothing touches the root namespace's firewall, routes or sysctls.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
@@ -99,7 +102,7 @@ def test_service_port_name_prints_like_upstream():
 
 def test_build_service_ports():
     lb = svc("ns6", "svc6", "10.96.0.16", type="LoadBalancer", externalTrafficPolicy="Local",
-             healthCheckNodePort=31999, loadBalancerSourceRanges=[" 203.0.113.0/25 "], externalIPs=["198.51.100.7"],
+             healthCheckNodePort=31999, loadBalancerSourceRanges=[" 203.0.113.0/25 "], externalIPs=["203.0.113.7"],
              sessionAffinity="ClientIP",
              ports=[{"name": "p80", "port": 80, "targetPort": "http", "nodePort": 30082},
                     {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}],
@@ -107,7 +110,7 @@ def test_build_service_ports():
     tcp, udp = build_service_ports(lb)
     assert tcp == ServicePort(
         name=spn("ns6", "svc6"), cluster_ip="10.96.0.16", port=80, protocol="TCP", node_port=30082,
-        external_ips=("198.51.100.7",), load_balancer_ips=("203.0.113.10",),
+        external_ips=("203.0.113.7",), load_balancer_ips=("203.0.113.10",),
         load_balancer_source_ranges=("203.0.113.0/25",), external_policy_local=True, internal_policy_local=False,
         session_affinity_timeout=10800, health_check_node_port=31999, target_port="http")
     assert udp.name == spn("ns6", "svc6", "dns", "UDP") and udp.node_port == 30053
@@ -270,7 +273,7 @@ def golden_objects():
         svc("ns7", "svc7", "10.96.0.17", type="NodePort", externalTrafficPolicy="Local",  # remote endpoint only
             ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30087}]),
         svc("ns8", "svc8", "10.96.0.18", internalTrafficPolicy="Local"),  # remote endpoint only
-        svc("ns9", "svc9", "10.96.0.19", externalIPs=["198.51.100.9"]),
+        svc("ns9", "svc9", "10.96.0.19", externalIPs=["203.0.113.9"]),
         svc("ns0", "headless", "None"),
     ]
     slices = [
@@ -412,7 +415,7 @@ def test_golden_load_balancer_with_source_ranges(golden):
 def test_golden_external_ip_and_headless(golden):
     state, result = golden
     c = names("ns9")
-    assert f'-m comment --comment "ns9/svc9:p80 external IP" -m tcp -p tcp -d 198.51.100.9 --dport 80 ' \
+    assert f'-m comment --comment "ns9/svc9:p80 external IP" -m tcp -p tcp -d 203.0.113.9 --dport 80 ' \
            f"-j {c.ext}" in rules(result.document, "nat", "KUBE-SERVICES")
     assert "headless" not in result.document
 
@@ -485,6 +488,39 @@ def test_partial_render_rewrites_only_changed_services():
     assert set(rules(result.document, "nat", names("ns1").svc)) == set(rules(full.document, "nat", names("ns1").svc))
 
 
+def sections(document: str, table: str) -> list[str]:
+    return [part.split("\nCOMMIT", 1)[0] for part in document.split(f"*{table}\n")[1:]]
+
+
+def test_large_documents_are_split_into_nat_sections(golden):
+    state, single = golden
+    result = ipt.render(state, config=dataclasses.replace(CONFIG, section_chains=4))
+    parts = sections(result.document, "nat")
+    assert len(parts) > 3 and result.chains == single.chains
+    assert parts[0].startswith(":KUBE-MARK-MASQ - [0:0]\n-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n")
+    for part in parts[:-1]:  # each Service's chains whole in one section: every jump target is there
+        declared = {line[1:].split(" ")[0] for line in part.splitlines() if line.startswith(":")}
+        targets = {line.rsplit(" ", 1)[1] for line in part.splitlines() if line.startswith("-A ")}
+        assert {t for t in targets if ipt.is_service_chain(t)} <= declared
+        assert "-A KUBE-SERVICES" not in part
+    final_declared = {line for line in parts[-1].splitlines() if line.startswith(":")}
+    assert final_declared == {f":{c} - [0:0]" for c in ipt.NAT_CHAINS if c != "KUBE-MARK-MASQ"}
+    # the same rules as one COMMIT, chain by chain, each written once
+    for chain in result.chains | set(ipt.NAT_CHAINS):
+        split_rules = [r for p in parts for r in rules(f"*nat\n{p}\nCOMMIT", "nat", chain)]
+        assert split_rules == rules(single.document, "nat", chain)
+    # small documents (a partial sync) stay one COMMIT, shaped as upstream's
+    assert len(sections(ipt.render(state, {spn("ns1", "svc1")}, single.chains).document, "nat")) == 1
+
+
+def test_top_level_jumps_are_ordered_by_target_descending(golden):
+    doc = golden[1].document
+    for chain in ("KUBE-SERVICES", "KUBE-NODEPORTS"):
+        targets = [r.rsplit(" ", 1)[1] for r in rules(doc, "nat", chain)
+                   if '"kubernetes service nodeports' not in r]
+        assert targets == sorted(targets, reverse=True) and len(targets) > 3
+
+
 def test_hook_rules_are_upstreams():
     hooks = ipt.hook_rules()
     assert ipt.HookRule("nat", "PREROUTING", ("-m", "comment", "--comment", "kubernetes service portals",
@@ -499,7 +535,7 @@ def test_hook_rules_are_upstreams():
 
 
 def test_render_speed_10k_services():
-    """10,000 Services x 5 endpoints; timings are reported by the renderer benchmark in the report."""
+    """10,000 Services x 5 endpoints render in well under the bound (a loose one: machines are shared)."""
     state = ProxyState(NODE)
     for i in range(10000):
         name = spn("bench", f"s{i}", "http")
@@ -508,11 +544,11 @@ def test_render_speed_10k_services():
             Endpoint(f"10.{244 + k // 65536}.{k // 256 % 256}.{k % 256}", 8080, f"n{k % 3}", is_local=k % 3 == 0)
             for k in range(i * 5, i * 5 + 5))
     ipt.render(state, config=CONFIG)  # chain names cached from here on
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the test machines are shared
     result = ipt.render(state, config=CONFIG)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert result.document.count("\n") > 230000
-    assert elapsed < 3.0, elapsed  # about 0.4 s on the 2-core test machine
+    assert elapsed < 2.0, elapsed  # about 0.4 s on the 2-core test machine
 
 
 # ------------------------------------------------------------------ real kernel
@@ -617,6 +653,21 @@ def test_kernel_loads_the_golden_document(netns, golden):
     # applying the same document again changes nothing
     restore(node, result.document)
     assert saved_rules(saved(node)) == saved_rules(dump)
+
+
+@needs_kernel
+def test_kernel_sectioned_document_gives_the_same_ruleset(netns, golden):
+    state, single = golden
+    one, split = netns.add("one"), netns.add("split")
+    restore(one, single.document)
+    sectioned = ipt.render(state, config=dataclasses.replace(CONFIG, section_chains=4))
+    assert len(sections(sectioned.document, "nat")) > 3
+    restore(split, sectioned.document)
+    a, b = saved(one), saved(split)
+    for table in ("nat", "filter"):
+        assert chains(a, table) == chains(b, table)
+        for chain in chains(a, table):
+            assert rules(a, table, chain) == rules(b, table, chain), chain
 
 
 def saved_rules(dump: str) -> list[str]:
@@ -745,7 +796,7 @@ def test_packets_through_the_rules(netns):
         start = time.monotonic()
         with pytest.raises(ConnectionRefusedError):
             ask(client, "10.96.0.21", 80, timeout=5)
-        assert time.monotonic() - start < 1
+        assert time.monotonic() - start < 2  # a timeout would take 5 s
 
     # NodePort with externalTrafficPolicy Local from outside: the local endpoint only, client IP kept
     answers = {ask(pods["ext"], NODE_IP, 30080) for _ in range(20)}

@@ -46,7 +46,13 @@ class IptablesBackend:
         if full:
             self._ensure_hooks()
         result = iptables.render(state, changed, self._chains, self.config)
-        kernel.run(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], result.document)
+        try:
+            kernel.run(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], result.document)
+        except kernel.RulesFailed:
+            # A large document is several transactions: some may have landed. Learn what the
+            # kernel has now, so the next (full) sync deletes what is stale.
+            self._chains = frozenset(iptables.service_chains_in(kernel.run(["iptables-save", "-t", "nat"])))
+            raise
         self._chains = result.chains
         if full:
             self._ensure_canary()
