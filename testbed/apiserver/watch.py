@@ -88,10 +88,11 @@ class Watcher:
 class WatchHub:
     """Offers every event to every watcher and wakes them in bulk.
 
-    Watchers are woken `coalesce` seconds after the first unsent event rather
-    than at once: under load a watcher then sends several events in one gRPC
-    message, whose per-message cost dominates in Python. Idle watchers are
-    woken every `bookmark_interval` seconds to send a BOOKMARK.
+    Under load (events arriving within `coalesce` seconds of the last wake-up)
+    watchers are woken `coalesce` seconds after the first unsent event rather
+    than at once: a watcher then sends several events in one gRPC message,
+    whose per-message cost dominates in Python. A lone event is sent at once.
+    Idle watchers are woken every `bookmark_interval` seconds to send a BOOKMARK.
     """
 
     def __init__(self, max_pending: int = 100_000, coalesce: float = 0.002, bookmark_interval: float = 1.0) -> None:
@@ -99,7 +100,8 @@ class WatchHub:
         self._max_pending = max_pending
         self._coalesce = coalesce
         self._bookmark_interval = bookmark_interval
-        self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._last_flush = 0.0
 
     def new_watcher(self, filt: ObjectFilter) -> Watcher:
         return Watcher(filt, self._max_pending)
@@ -118,10 +120,15 @@ class WatchHub:
             for watcher in self._watchers:
                 watcher.offer(event)
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(self._coalesce, self._flush)
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._last_flush < self._coalesce:
+                self._flush_handle = loop.call_later(self._coalesce, self._flush)
+            else:
+                self._flush_handle = loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
         for watcher in self._watchers:
             if watcher.has_pending:
                 watcher.wake()
