@@ -11,9 +11,7 @@ import asyncio
 import ipaddress
 import time
 
-import pytest
-
-from testbed.api.errors import ApiError, Conflict, NotFound
+from testbed.api.errors import Conflict, NotFound
 from testbed.api.meta import now_rfc3339
 from tests.builders import deployment, node, service
 from tests.conftest import run
@@ -36,6 +34,7 @@ class NodeAgents:
             n = await self.client.get("Node", name)
             n.status.conditions[0].last_heartbeat_time = now_rfc3339()
             n.status.conditions[0].status = "True"
+            n.metadata.resource_version = ""  # a heartbeat is unconditional, as the kubelet's
             await self.client.update_status(n)
         pods, _ = await self.client.list("Pod")
         nodes = {n.metadata.name: n for n in (await self.client.list("Node"))[0]}
@@ -69,6 +68,19 @@ class NodeAgents:
                 return
             await asyncio.sleep(0.2)
         raise AssertionError(f"condition not met within {timeout}s")
+
+
+async def update_with_retry(c, kind: str, name: str, change) -> None:
+    """Read-modify-write that retries on Conflict (the controllers write the same objects)."""
+    for _ in range(20):
+        obj = await c.get(kind, name)
+        change(obj)
+        try:
+            await c.update(obj)
+            return
+        except Conflict:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{kind} {name} kept conflicting")
 
 
 async def active_pods(c, label="app=web"):
@@ -117,18 +129,14 @@ def test_deployment_scales_3_10_0_spread_over_ready_nodes(apiserver, controller_
             assert sorted(p.spec.node_name for p in pods) == ["node-a", "node-b", "node-c"]
             assert all(p.metadata.name.startswith("web-") and len(p.metadata.name.split("-")) == 3 for p in pods)
 
-            d = await c.get("Deployment", "web")
-            d.spec.replicas = 10
-            await c.update(d)
+            await update_with_retry(c, "Deployment", "web", lambda d: setattr(d.spec, "replicas", 10))
             await agents.run_until(await count_is(10))
             per_node = {}
             for p in await active_pods(c):
                 per_node[p.spec.node_name] = per_node.get(p.spec.node_name, 0) + 1
             assert sorted(per_node.values()) == [3, 3, 4]
 
-            d = await c.get("Deployment", "web")
-            d.spec.replicas = 0
-            await c.update(d)
+            await update_with_retry(c, "Deployment", "web", lambda d: setattr(d.spec, "replicas", 0))
 
             async def none_left():
                 pods, _ = await c.list("Pod")
@@ -271,9 +279,8 @@ def test_template_change_rolls_out_without_dropping_below_desired(apiserver, con
                 return check
 
             await agents.run_until(await rolled("v1"))
-            d = await c.get("Deployment", "web")
-            d.spec.template.spec.containers[0].image = "v2"
-            await c.update(d)
+            await update_with_retry(c, "Deployment", "web",
+                                    lambda d: setattr(d.spec.template.spec.containers[0], "image", "v2"))
             lowest = 4
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from google.protobuf.message import Message
 
-from testbed.api.errors import Conflict, NotFound
+from testbed.api.errors import ApiError, Conflict, NotFound
 from testbed.api.meta import copy_of
 from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
@@ -12,6 +15,7 @@ from testbed.client.informer import WorkQueue
 from testbed.controllers.base import Informers, node_is_ready
 
 RETRY_UNSCHEDULABLE = 1.0
+log = logging.getLogger("svclab.scheduler")
 
 
 class Scheduler:
@@ -20,10 +24,17 @@ class Scheduler:
         self.informers = informers
         self.queue = WorkQueue()
         self._bound: dict[tuple[str, str], str] = {}  # binds the cache has not shown yet
+        self._binding: set[asyncio.Task] = set()  # binds in flight
+        # Pods on each node (bound, not terminating), kept from the pod events: counting them
+        # over the whole cache for every pod scheduled was quadratic (1,000 pods: ~1M visits).
+        self._load: dict[str, int] = {}
         informers.pods.on_change(self._on_pod)
         informers.nodes.on_change(self._on_node)
 
     def _on_pod(self, _type: str, old: Message | None, new: Message | None) -> None:
+        for pod, change in ((old, -1), (new, 1)):
+            if pod is not None and pod.spec.node_name and not pod.metadata.deletion_timestamp:
+                self._load[pod.spec.node_name] = self._load.get(pod.spec.node_name, 0) + change
         if new is not None and not new.spec.node_name and not new.metadata.deletion_timestamp:
             self.queue.add((new.metadata.namespace, new.metadata.name))
         if new is None or new.spec.node_name:
@@ -37,15 +48,12 @@ class Scheduler:
 
     def pick_node(self) -> str | None:
         load: dict[str, int] = {
-            n.metadata.name: 0
+            n.metadata.name: self._load.get(n.metadata.name, 0)
             for n in self.informers.nodes.items()
             if node_is_ready(n) and not n.spec.unschedulable
         }
         if not load:
             return None
-        for pod in self.informers.pods.items():
-            if pod.spec.node_name in load and not pod.metadata.deletion_timestamp:
-                load[pod.spec.node_name] += 1
         for node_name in self._bound.values():
             if node_name in load:
                 load[node_name] += 1
@@ -64,6 +72,13 @@ class Scheduler:
         # Recorded before the write: the informer may deliver the bound pod
         # before update() returns, and that event is what clears the record.
         self._bound[key] = node_name
+        # The bind goes out without waiting for it (upstream binds asynchronously too): awaiting
+        # each one made scheduling a round trip per pod, ~10 s for a burst of 1,000 pods.
+        task = asyncio.create_task(self._bind(key, bound))
+        self._binding.add(task)
+        task.add_done_callback(self._binding.discard)
+
+    async def _bind(self, key: tuple[str, str], bound: pb.Pod) -> None:
         try:
             await self.client.update(bound)
         except Conflict:
@@ -71,3 +86,7 @@ class Scheduler:
             self.queue.add_after(key, 0.05)
         except NotFound:
             self._bound.pop(key, None)
+        except (ApiError, asyncio.TimeoutError) as exc:
+            log.info("scheduler: binding %s/%s: %s (retrying)", *key, getattr(exc, "message", "timed out"))
+            self._bound.pop(key, None)
+            self.queue.add_after(key, 0.5)
