@@ -378,3 +378,26 @@ spec:
 def get_json_raw(lab: LabCluster, where: str, url: str) -> bool:
     apply(lab, (SEED / "service-nodeport.yaml").read_text())
     return bool(get_json(lab, where, url))
+
+
+def test_nftables_mode_end_to_end(tmp_path):
+    c = LabCluster(tmp_path / "state", cluster_name())
+    try:
+        c.up("--nodes", "2", "--proxy-mode", "nftables", "-f", str(SEED / "frontend-deployment.yaml"),
+             "-f", str(SEED / "service-nodeport.yaml"))
+        names = {p["metadata"]["name"] for p in frontend_pods(c)}
+        assert get_json(c, "client", f"http://{NODES[1]}:30007/")["pod"] in names
+        pod = sorted(names)[0]
+        assert get_json(c, pod, "http://frontend-service/")["pod"] in names  # DNS + ClusterIP
+        seen = counts(c, "node1", f"http://{c.json('svc', 'frontend-service')['spec']['clusterIP']}/", 60)
+        assert set(seen) == names, seen
+        rules = c.svclab("rules", "node1", check=True).stdout
+        assert "table ip kube-proxy" in rules and "default/frontend-service/tcp/" in rules
+        assert "-A KUBE-SERVICES" not in rules  # no iptables rules in nftables mode
+        apply(c, service("nobody", "  selector: {app: nobody}\n  ports: [{port: 80, targetPort: 8080}]\n"))
+        ip = c.json("svc", "nobody")["spec"]["clusterIP"]
+        time.sleep(1.5)
+        assert curl(c, "node1", f"http://{ip}/", timeout=5).returncode == 7  # refused at once
+    finally:
+        c.svclab("down", timeout=120)
+        assert not leftovers(c.name, c.state), leftovers(c.name, c.state)

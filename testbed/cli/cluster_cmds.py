@@ -258,4 +258,11 @@ def rules(target: Target, node: str) -> None:
         if result.returncode != 0:
             fail(f"iptables-save in {node} failed: {result.stderr.strip()}")
         saved.append(result.stdout)
-    click.echo(annotate_iptables("".join(saved), run_with_client(target, services)), nl=False)
+    text = annotate_iptables("".join(saved), run_with_client(target, services))
+    if any(line.startswith(("-A ", ":KUBE-")) for line in text.splitlines()):
+        click.echo(text, nl=False)
+    # nftables mode: kube-proxy's own table (its chain names carry ns/svc/proto/port already)
+    nft = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "ip", "kube-proxy"],
+                         capture_output=True, text=True)
+    if nft.returncode == 0:
+        click.echo(nft.stdout, nl=False)

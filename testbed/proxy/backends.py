@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-IMPLEMENTED = ("iptables",)
+IMPLEMENTED = ("iptables", "nftables")
 
 
 class Unsupported(RuntimeError):
@@ -23,5 +23,8 @@ def check_mode(mode: str) -> None:
 
 def create(mode: str, cluster_cidr: str, node_name: str):
     check_mode(mode)
+    if mode == "nftables":
+        from testbed.proxy.nftables_backend import NftablesBackend
+        return NftablesBackend(cluster_cidr=cluster_cidr, node_name=node_name)
     from testbed.proxy.iptables_backend import IptablesBackend
     return IptablesBackend(cluster_cidr=cluster_cidr, node_name=node_name)
