@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Collection, NamedTuple
 
-from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName, categorize_endpoints
+from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName, plan_traffic
 
 # Top-level chains.
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -285,18 +285,15 @@ class _Renderer:
     @staticmethod
     def _plan(sp: ServicePort, endpoints: tuple[Endpoint, ...]) -> _Plan:
         names = service_chains(sp.name)
-        cluster, local, reachable, has_endpoints = categorize_endpoints(sp, endpoints)
-        internal_chain, has_internal = names.svc, has_endpoints
-        if sp.internal_policy_local:
-            internal_chain, has_internal = names.svl, bool(local)
-        external_chain, has_external = names.svc, has_endpoints
-        if sp.external_policy_local:
-            external_chain, has_external = names.svl, bool(local)
+        t = plan_traffic(sp, endpoints)
+        cluster, local, reachable, has_endpoints = t.selection
+        internal_chain = names.svl if t.internal_local else names.svc
+        external_chain = names.svl if t.external_local else names.svc
         return _Plan(
-            names, cluster, local, has_endpoints, internal_chain, has_internal, external_chain, has_external,
-            uses_svc=bool(cluster) and sp.uses_cluster_endpoints,
-            uses_svl=bool(local) and sp.uses_local_endpoints,
-            uses_ext=has_endpoints and sp.externally_accessible,
+            names, cluster, local, has_endpoints, internal_chain, t.has_internal, external_chain, t.has_external,
+            uses_svc=t.uses_cluster,
+            uses_svl=t.uses_local,
+            uses_ext=t.uses_external,
             uses_fw=has_endpoints and bool(sp.load_balancer_ips) and bool(sp.load_balancer_source_ranges),
             seps=[(ep, endpoint_chain(names.text, names.proto, ep.addr)) for ep in reachable],
         )

@@ -268,6 +268,39 @@ def categorize_endpoints(sp: ServicePort, endpoints: Iterable[Endpoint]) -> Endp
     return EndpointSelection(cluster, local, cluster + tuple(ep for ep in local if ep.addr not in seen), has_any)
 
 
+class TrafficPlan(NamedTuple):
+    """Where each kind of traffic of one ServicePort goes, the same for every backend.
+
+    internal (ClusterIP) and external (NodePort, LoadBalancer, external IPs) traffic each go
+    to the local endpoints when their policy is Local, else to the cluster-wide ones; the
+    has_* flags say whether that set is non-empty (else: reject, or drop for Local).
+    """
+
+    selection: EndpointSelection
+    internal_local: bool
+    has_internal: bool
+    external_local: bool
+    has_external: bool
+    uses_cluster: bool  # the cluster-wide endpoints chain is needed
+    uses_local: bool  # the local endpoints chain is needed
+    uses_external: bool  # the external-traffic entry chain is needed
+
+
+def plan_traffic(sp: ServicePort, endpoints: Iterable[Endpoint]) -> TrafficPlan:
+    selection = categorize_endpoints(sp, endpoints)
+    local, has_any = bool(selection.local), selection.has_any
+    return TrafficPlan(
+        selection,
+        internal_local=sp.internal_policy_local,
+        has_internal=local if sp.internal_policy_local else has_any,
+        external_local=sp.external_policy_local,
+        has_external=local if sp.external_policy_local else has_any,
+        uses_cluster=bool(selection.cluster) and sp.uses_cluster_endpoints,
+        uses_local=local and sp.uses_local_endpoints,
+        uses_external=has_any and sp.externally_accessible,
+    )
+
+
 # ------------------------------------------------------------------ state and change tracking
 
 

@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Collection, Iterable, Iterator, NamedTuple
 
-from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName, categorize_endpoints
+from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName, plan_traffic
 
 FAMILY = "ip"
 TABLE = "kube-proxy"
@@ -374,19 +374,16 @@ class _ServiceRenderer:
     @staticmethod
     def _plan(sp: ServicePort, endpoints: tuple[Endpoint, ...]) -> _Plan:
         names = service_names(sp.name)
-        cluster_eps, local_eps, reachable, has_endpoints = categorize_endpoints(sp, endpoints)
-        internal_chain, has_internal = names.cluster, has_endpoints
-        if sp.internal_policy_local:
-            internal_chain, has_internal = names.local, bool(local_eps)
-        external_policy_chain, has_external = names.cluster, has_endpoints
-        if sp.external_policy_local:
-            external_policy_chain, has_external = names.local, bool(local_eps)
+        t = plan_traffic(sp, endpoints)
+        cluster_eps, local_eps, reachable, has_endpoints = t.selection
+        internal_chain = names.local if t.internal_local else names.cluster
+        external_policy_chain = names.local if t.external_local else names.cluster
         return _Plan(
-            names, cluster_eps, local_eps, reachable, has_endpoints, internal_chain, has_internal,
-            external_policy_chain, has_external,
-            uses_cluster_chain=bool(cluster_eps) and sp.uses_cluster_endpoints,
-            uses_local_chain=bool(local_eps) and sp.uses_local_endpoints,
-            uses_external_chain=has_endpoints and sp.externally_accessible,
+            names, cluster_eps, local_eps, reachable, has_endpoints, internal_chain, t.has_internal,
+            external_policy_chain, t.has_external,
+            uses_cluster_chain=t.uses_cluster,
+            uses_local_chain=t.uses_local,
+            uses_external_chain=t.uses_external,
             external_ips=[ip for ip in map(_ipv4, sp.external_ips) if ip],
             lb_ips=[ip for ip in map(_ipv4, sp.load_balancer_ips) if ip],
             ranges=[c for c in map(_cidr, sp.load_balancer_source_ranges) if c],
