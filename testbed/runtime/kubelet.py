@@ -45,7 +45,6 @@ READY_RETRY = 0.05  # fast first probes: pod create -> Ready is a measured numbe
 # half the kubelets' CPU on this 2-core machine while the rest of the pods were starting.
 BUILTIN_PROBE_PERIOD = 10
 LINK_UP_TIMEOUT = 1.0  # seconds to wait for a new pod's veth to come up before the first probe
-BR_STATE_FORWARDING = 3  # IFLA_BRPORT_STATE
 
 
 @dataclass
@@ -226,17 +225,7 @@ class Kubelet:
         """
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            try:
-                link = self.bridge._get_link(self.bridge._node(), f"look up {host_ifname}", ifname=host_ifname)
-            except podnet.PodNetworkError:
-                return
-            if link is None:
-                return
-            info = link.get_attr("IFLA_LINKINFO")
-            port = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
-            state = port.get_attr("IFLA_BRPORT_STATE") if port is not None else None
-            if (link.get_attr("IFLA_OPERSTATE") == "UP" and state in (None, BR_STATE_FORWARDING)) \
-                    or asyncio.get_running_loop().time() > deadline:
+            if self.bridge.port_ready(host_ifname) or asyncio.get_running_loop().time() > deadline:
                 return
             await asyncio.sleep(0.002)
 

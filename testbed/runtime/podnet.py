@@ -83,6 +83,7 @@ _IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _IFNAME_MAX = 15  # IFNAMSIZ - 1
 _NETNS_NAME_MAX = 255  # a file name under /run/netns
+_BR_STATE_FORWARDING = 3  # IFLA_BRPORT_STATE
 
 _POD_SYSCTLS = (
     ("net/ipv4/ip_unprivileged_port_start", "0"),
@@ -618,6 +619,22 @@ class NodeBridge:
         if host is None or host.get_attr("IFLA_MASTER") != self._bridge(node):
             return None
         return host.get_attr("IFLA_IFNAME")
+
+    def port_ready(self, host_ifname: str) -> bool:
+        """True once a pod's host end is up and forwarding on the bridge (or is gone: nothing to wait for).
+
+        The kernel brings a new veth up asynchronously, a few ms after add_pod() returns.
+        """
+        try:
+            link = self._get_link(self._node(), f"look up {host_ifname}", ifname=host_ifname)
+        except PodNetworkError:
+            return True
+        if link is None:
+            return True
+        info = link.get_attr("IFLA_LINKINFO")
+        port = info.get_attr("IFLA_INFO_SLAVE_DATA") if info is not None else None
+        state = port.get_attr("IFLA_BRPORT_STATE") if port is not None else None
+        return link.get_attr("IFLA_OPERSTATE") == "UP" and state in (None, _BR_STATE_FORWARDING)
 
     def remove_pod(self, netns_name: str, host_ifname: str | None = None, wait: bool = False) -> None:
         """Delete the pod's namespace; its veth pair goes with it. Does nothing for what is gone.
