@@ -136,13 +136,13 @@ class Mode:
         """The full sync's input exactly as the backend wrote it, and what raw partials need next."""
         if self.name == "iptables":
             result = ipt.render(state, config=backend.config)
-            return result.document, result.chains
+            return result.document, result.programmed
         return backend.last_script, None
 
     def partial_text(self, backend, state: ProxyState, changed: set, raw_chains) -> tuple[str, object]:
         if self.name == "iptables":
             result = ipt.render(state, changed, raw_chains, backend.config)
-            return result.document, result.chains
+            return result.document, result.programmed
         return backend.last_script, None
 
 
@@ -217,41 +217,64 @@ def measure_partial(mode: Mode, backend, state: ProxyState, ns_backend: str, ns_
 
 # ------------------------------------------------------------------ balancing shapes (--shapes)
 
-_VMAP = re.compile(r"^\tnumgen random mod (\d+) vmap \{ (.*) \}$")
+_DNAT = re.compile(r"^\t(numgen random mod \d+ == 0 )?meta l4proto (\w+) dnat to ([\d.]+):(\d+)$")
 
 
 def shape_script(shape: str, state: ProxyState) -> str:
     """The full first-sync script with the per-Service balancing written in one shape:
-    cascade (svclab's), anon (upstream's numgen vmap), named (a named map per Service),
-    offset (one shared map keyed by `numgen … offset K`), goto (first endpoint only: no
-    balancing, a lower bound), direct (the cascade DNATing itself, no endpoint chains)."""
-    if shape == "cascade":
-        return nft.render(state, config=nft.Config(cluster_cidr=CLUSTER_CIDR)).script
-    if shape == "direct":
-        return _direct(nft.render(state, config=nft.Config(cluster_cidr=CLUSTER_CIDR)).script)
-    anon = nft.render(state, config=nft.Config(cluster_cidr=CLUSTER_CIDR, cascade_max=1)).script
-    if shape == "anon":
-        return anon
-    out, shared, offset, chain, header = [], [], 0, "", 0
-    for line in anon.splitlines():
-        if line.startswith("add chain ip kube-proxy ") and line.endswith("{"):
-            chain, header = line.split()[4], len(out)
-        m = _VMAP.match(line)
-        if not m:
-            out.append(line)
-            continue
-        n, choices = int(m[1]), m[2]
-        if shape == "goto":
-            out.append("\tgoto " + choices.split(" : goto ")[1].split(",")[0])
+    inline (svclab's: the cascade DNATing itself, hairpin by set), chains (the cascade jumping
+    to upstream's endpoint chains), anon (upstream's: endpoint chains and a numgen vmap),
+    named (a named map per Service), offset (one shared map keyed by `numgen … offset K`),
+    goto (first endpoint chain only: no balancing, a lower bound)."""
+    inline = nft.render(state, config=nft.Config(cluster_cidr=CLUSTER_CIDR)).script
+    if shape == "inline":
+        return inline
+    out, endpoint_blocks, maps, cascade, chain = [], {}, [], [], ""
+    shared, offset, first_service_chain = [], 0, None
+
+    def flush_cascade() -> None:
+        nonlocal offset
+        if not cascade:
+            return
+        targets = list(cascade)
+        cascade.clear()
+        n = len(targets)
+        choices = ", ".join(f"{i} : goto {t}" for i, t in enumerate(targets))
+        if shape == "chains":
+            out.extend(f"\tnumgen random mod {n - i} == 0 goto {t}" if i < n - 1 else f"\tgoto {t}"
+                       for i, t in enumerate(targets))
+        elif shape == "goto":
+            out.append(f"\tgoto {targets[0]}")
+        elif shape == "anon":
+            out.append(f"\tnumgen random mod {n} vmap {{ {choices} }}")
         elif shape == "named":
             name = "lb-" + chain.split("-", 1)[1]
-            out.insert(header, f"add map ip kube-proxy {name} {{ typeof numgen random mod 1 : verdict ; "
-                               f"elements = {{ {choices} }} ; }}")  # before the chain's block
+            maps.append(f"add map ip kube-proxy {name} {{ typeof numgen random mod 1 : verdict ; "
+                        f"elements = {{ {choices} }} ; }}")
             out.append(f"\tnumgen random mod {n} vmap @{name}")
         elif shape == "offset":
-            shared += [f"{offset + int(c.split(' : ')[0])} : {c.split(' : ')[1]}" for c in choices.split(", ")]
+            shared.extend(f"{offset + i} : goto {t}" for i, t in enumerate(targets))
             out.append(f"\tnumgen random mod {n} offset {offset} vmap @service-endpoints")
             offset += n
+
+    for line in inline.splitlines():
+        if line.startswith("add chain ip kube-proxy ") and line.endswith("{"):
+            chain = line.split()[4]
+        m = _DNAT.match(line)
+        if m:
+            proto, ip, port = m[2], m[3], m[4]
+            target = f"endpoint-{chain.split('-', 1)[1]}__{ip}/{port}"[:250]
+            endpoint_blocks[target] = (f"add chain ip kube-proxy {target} {{\n\tip saddr {ip} jump "
+                                       f"{nft.MARK_MASQ}\n\tmeta l4proto {proto} dnat to {ip}:{port}\n}}")
+            cascade.append(target)
+            continue
+        flush_cascade()
+        if first_service_chain is None and line.startswith("add chain ip kube-proxy ") \
+                and nft.is_service_chain(line.split()[4]):
+            first_service_chain = len(out)
+        out.append(line)
+    # endpoint chains (and maps naming them) before the first chain that jumps to them
+    out[first_service_chain:first_service_chain] = list(endpoint_blocks.values()) + maps
     if shape == "offset":
         out.insert(3, "add map ip kube-proxy service-endpoints { typeof numgen random mod 1 : verdict ; }")
         out.append("add map ip kube-proxy service-endpoints { typeof numgen random mod 1 : verdict ; elements = { "
@@ -259,20 +282,11 @@ def shape_script(shape: str, state: ProxyState) -> str:
     return "\n".join(out) + "\n"
 
 
-def _direct(script: str) -> str:
-    """The cascade without endpoint chains: each rule DNATs itself (no hairpin masquerade, no
-    affinity): not upstream's shape, measured only for what endpoint chains cost."""
-    dnat = dict(re.findall(r"^add chain ip kube-proxy (endpoint-\S+) \{\n(?:\t.*\n)*?\t(meta l4proto .*)\n\}$",
-                           script, re.M))
-    script = re.sub(r"^add chain ip kube-proxy endpoint-\S+ \{\n(?:\t.*\n)*?\}\n", "", script, flags=re.M)
-    return re.sub(r"goto (endpoint-\S+)", lambda m: dnat[m[1]], script)
-
-
 def measure_shapes(sizes: list[int]) -> list[dict]:
     rows = []
     for size in sizes:
         state = make_state(size)
-        for shape in ("direct", "goto", "cascade", "named", "anon", "offset"):
+        for shape in ("inline", "goto", "chains", "named", "anon", "offset"):
             if shape in ("anon", "offset") and size > 4000:
                 continue  # quadratic: minutes at 10,000
             script = shape_script(shape, state)

@@ -26,7 +26,7 @@ class IptablesBackend:
     def __init__(self, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = ()) -> None:
         self.config = iptables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips)
         self.node_name = node_name
-        self._chains: frozenset[str] = frozenset()
+        self._programmed: iptables.Programmed | None = None
         self._canary_ok = False
         self._rule_counts: dict[tuple[str, str], int] = {}  # (table, chain) -> rules, as last written
 
@@ -45,15 +45,16 @@ class IptablesBackend:
         full = changed is None
         if full:
             self._ensure_hooks()
-        result = iptables.render(state, changed, self._chains, self.config)
-        try:
-            kernel.run(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], result.document)
-        except kernel.RulesFailed:
-            # A large document is several transactions: some may have landed. Learn what the
-            # kernel has now, so the next (full) sync deletes what is stale.
-            self._chains = frozenset(iptables.service_chains_in(kernel.run(["iptables-save", "-t", "nat"])))
-            raise
-        self._chains = result.chains
+        result = iptables.render(state, changed, self._programmed, self.config)
+        if result.document:
+            try:
+                kernel.run(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], result.document)
+            except kernel.RulesFailed:
+                # A large document is several transactions: some may have landed. Learn what the
+                # kernel has now, so the next (full) sync deletes what is stale.
+                self._programmed = iptables.Programmed.from_kernel(kernel.run(["iptables-save", "-t", "nat"]))
+                raise
+        self._programmed = result.programmed
         if full:
             self._ensure_canary()
         self._rule_counts.update(_rules_per_chain(result.document))
@@ -63,6 +64,12 @@ class IptablesBackend:
         for (table, _), count in self._rule_counts.items():
             totals[table] = totals.get(table, 0) + count
         return totals
+
+    def check(self, state: ProxyState) -> None:
+        """Raise kernel.RulesFailed if the state's full ruleset does not load (into a scratch
+        namespace: nothing here changes)."""
+        document = iptables.render(state, None, None, self.config).document
+        kernel.check_in_scratch_netns(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], document)
 
     def _ensure_hooks(self) -> None:
         """Our top-level chains, and the jumps to them from the built-in chains (as upstream, before restore)."""

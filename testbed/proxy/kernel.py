@@ -20,3 +20,9 @@ def run(argv: list[str], stdin: str | None = None) -> str:
 
 def succeeds(argv: list[str]) -> bool:
     return subprocess.run(argv, capture_output=True).returncode == 0
+
+
+def check_in_scratch_netns(argv: list[str], stdin: str) -> None:
+    """Load rules into a brand-new, empty network namespace that dies with the command: the
+    kernel's own verdict on them, with no effect on the caller's namespace."""
+    run(["unshare", "--net", "--", *argv], stdin)

@@ -35,6 +35,9 @@ class ProxyMetrics:
                                               "Endpoint changes seen", registry=r)
         self.services_failed = Gauge("kubeproxy_services_failed_to_sync",
                                      "Service ports whose rules could not be applied", registry=r)
+        self.service_failed = Gauge("svclab_kubeproxy_service_rules_failed",
+                                    "1 for each Service port whose rules the kernel refused: left out until "
+                                    "it changes or the next full sync", ["service"], registry=r)
         self.canary_resyncs = Counter("kubeproxy_canary_resyncs",
                                       "Full resyncs forced because the canary chain disappeared", registry=r)
 

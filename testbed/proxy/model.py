@@ -24,7 +24,7 @@ IPv4 only, like the rest of svclab: IPv6 addresses and slices are ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import Collection, Iterable, NamedTuple
 
 from google.protobuf.message import Message
 
@@ -33,6 +33,11 @@ from testbed.api.v1 import api_pb2 as pb
 # Label that ties an EndpointSlice to its Service (testbed.controllers.endpointslice writes it).
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API default for sessionAffinity ClientIP
+# Failure injection: a Service annotated `svclab.io/fault: invalid-rules` gets one rule the
+# kernel refuses (a jump to a chain that does not exist), to watch kube-proxy isolate it.
+FAULT_ANNOTATION = "svclab.io/fault"
+FAULT_INVALID_RULES = "invalid-rules"
+MISSING_CHAIN = "svclab-fault-no-such-chain"
 
 ServiceKey = tuple[str, str]  # (namespace, name) of a Service
 SliceKey = tuple[str, str]  # (namespace, name) of an EndpointSlice
@@ -73,6 +78,7 @@ class ServicePort:
     session_affinity_timeout: int | None = None  # seconds; None: no ClientIP affinity
     health_check_node_port: int = 0  # 0: none (only LoadBalancer + externalTrafficPolicy Local)
     target_port: int | str = 0  # for reference: the endpoints carry the resolved port
+    invalid_rule: bool = False  # annotation svclab.io/fault: invalid-rules (a lab's broken Service)
 
     @property
     def externally_accessible(self) -> bool:
@@ -145,6 +151,7 @@ def build_service_ports(service: pb.Service) -> list[ServicePort]:
         client_ip = spec.session_affinity_config.client_ip
         affinity = client_ip.timeout_seconds if client_ip.HasField("timeout_seconds") else DEFAULT_AFFINITY_TIMEOUT
     health_check = spec.health_check_node_port if svc_type == "LoadBalancer" and external_local else 0
+    invalid_rule = service.metadata.annotations.get(FAULT_ANNOTATION) == FAULT_INVALID_RULES
     ports = []
     for port in spec.ports:
         protocol = port.protocol or "TCP"
@@ -163,6 +170,7 @@ def build_service_ports(service: pb.Service) -> list[ServicePort]:
             session_affinity_timeout=affinity,
             health_check_node_port=health_check,
             target_port=getattr(port.target_port, which) if which else port.port,
+            invalid_rule=invalid_rule,
         ))
     return ports
 
@@ -326,6 +334,16 @@ class ProxyState:
             tracker.on_slice("ADDED", None, eps)
         tracker.take()
         return tracker.state
+
+    def without(self, names: Collection[ServicePortName]) -> ProxyState:
+        """The same state less some ServicePorts, which then get no rules at all."""
+        if not names:
+            return self
+        return ProxyState(self.node_name, {n: sp for n, sp in self.services.items() if n not in names}, self.endpoints)
+
+    def only(self, names: Iterable[ServicePortName]) -> ProxyState:
+        """The same state with only some ServicePorts."""
+        return ProxyState(self.node_name, {n: self.services[n] for n in names if n in self.services}, self.endpoints)
 
     def endpoints_of(self, name: ServicePortName) -> tuple[Endpoint, ...]:
         return self.endpoints.get(name, ())

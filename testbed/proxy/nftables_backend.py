@@ -63,6 +63,11 @@ class NftablesBackend:
             self._table_handle = table_handle()
         return result.counts
 
+    def check(self, state: ProxyState) -> None:
+        """Raise kernel.RulesFailed if the state's full ruleset does not load (into a scratch
+        namespace: nothing here changes)."""
+        kernel.check_in_scratch_netns(["nft", "-f", "-"], nft.render(state, None, None, self.config).script)
+
     def dump(self) -> str:
         """The table as the kernel holds it (seconds at 10,000 Services: a debugging aid)."""
         return kernel.run(["nft", "list", "table", nft.FAMILY, nft.TABLE])

@@ -3,8 +3,16 @@
 Watch handlers only record what changed (model.ChangeTracker); a
 bounded-frequency runner collapses bursts into one sync; each sync builds the
 desired state once (model.ProxyState) and hands it to the backend, which
-renders and applies it in one atomic write. A failed write is logged and
-counted, and the next sync is a full one; the node keeps the rules it had.
+renders and applies it in one atomic write.
+
+A write the kernel refuses is logged and counted, and kube-proxy looks for the Service
+ports to blame: it bisects the candidates (what the sync changed, or every Service for a
+full sync), loading each group's full ruleset into a scratch network namespace
+(backend.check). Those that fail alone are left out (no rules), reported (log line,
+kubeproxy_services_failed_to_sync, svclab_kubeproxy_service_rules_failed{service}), and
+tried again when they change and at every full sync; the others are applied at once. If
+no single Service is to blame, the node keeps the rules it had and the next sync is a
+full one.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ from testbed import simplehttp
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer
 from testbed.component import run_component
-from testbed.proxy import conntrack
+from testbed.proxy import conntrack, kernel
 from testbed.proxy.healthcheck import HealthCheckServers
 from testbed.proxy.metrics import HealthState, ProxyMetrics, metrics_handler
-from testbed.proxy.model import ChangeTracker, ProxyState
+from testbed.proxy.model import ChangeTracker, ProxyState, ServicePortName
 from testbed.proxy.runner import BoundedFrequencyRunner
 
 log = logging.getLogger("svclab.kube-proxy")
@@ -47,6 +55,7 @@ class ProxyServer:
         self._last_full = 0.0
         self._udp_endpoints: set[tuple[str, int, str]] = set()
         self._pending = {"services": 0, "endpoints": 0}
+        self.failed: dict[ServicePortName, str] = {}  # Service ports left out: the kernel refused their rules
         self.services.on_change(self.tracker.on_service)
         self.slices.on_change(self.tracker.on_slice)
         self.services.on_change(lambda *_: self._queued("services"))
@@ -69,14 +78,28 @@ class ProxyServer:
         full = (self._needs_full or self.backend.needs_full_sync()
                 or time.monotonic() - self._last_full >= self.full_sync_period)
         state = self.tracker.state
+        for name in list(self.failed):  # try them again: they changed, or this is a full sync
+            if full or name in changed:
+                self._recovered(name)
         try:
-            programmed = await asyncio.to_thread(self.backend.sync, state, None if full else changed)
+            try:
+                programmed = await self._apply(state, None if full else changed)
+            except kernel.RulesFailed as exc:
+                log.error("sync failed (%s sync): %s", "full" if full else "partial", exc)
+                self.metrics.sync_errors.inc()
+                candidates = set(state.services) if full else changed & state.services.keys()
+                if not await self._isolate(state, candidates - self.failed.keys()):
+                    raise
+                programmed = await self._apply(state, None if full else changed)
         except Exception as exc:  # a failed write must not stop the proxy: keep the old rules, retry in full
-            log.error("sync failed (%s sync): %s", "full" if full else "partial", exc)
-            self.metrics.sync_errors.inc()
+            if not isinstance(exc, kernel.RulesFailed):
+                log.error("sync failed (%s sync): %s", "full" if full else "partial", exc)
+                self.metrics.sync_errors.inc()
             self._needs_full = True  # what changed is in the state: a full sync writes it
             asyncio.get_running_loop().call_later(RETRY_AFTER_FAILURE, self.runner.request)
             return
+        finally:
+            self.metrics.services_failed.set(len(self.failed))
         if full:
             self._needs_full = False
             self._last_full = time.monotonic()
@@ -92,6 +115,41 @@ class ProxyServer:
         self.health.updated()
         self._clear_stale_udp(state)
         await self.healthchecks.sync(health_check_ports(state))
+
+    async def _apply(self, state: ProxyState, changed: set[ServicePortName] | None) -> dict[str, int]:
+        return await asyncio.to_thread(self.backend.sync, state.without(self.failed.keys()), changed)
+
+    async def _isolate(self, state: ProxyState, candidates: set[ServicePortName]) -> bool:
+        """Find the candidates whose rules the kernel refuses on their own (bisection over
+        scratch-namespace loads) and leave them out; True if any was found."""
+        found = False
+
+        async def bisect(group: list[ServicePortName]) -> None:
+            nonlocal found
+            try:
+                await asyncio.to_thread(self.backend.check, state.only(group))
+                return
+            except kernel.RulesFailed as exc:
+                if len(group) > 1:
+                    await bisect(group[:len(group) // 2])
+                    await bisect(group[len(group) // 2:])
+                    return
+                error = exc.output.strip().splitlines()[0] if exc.output.strip() else str(exc)
+            log.error("service %s: the kernel refused its rules, left out until it changes: %s", group[0], error)
+            self.failed[group[0]] = error
+            self.metrics.service_failed.labels(service=str(group[0])).set(1)
+            found = True
+
+        if candidates:
+            await bisect(sorted(candidates))
+        return found
+
+    def _recovered(self, name: ServicePortName) -> None:
+        del self.failed[name]
+        try:
+            self.metrics.service_failed.remove(str(name))
+        except KeyError:
+            pass
 
     def _clear_stale_udp(self, state: ProxyState) -> None:
         """Delete conntrack entries toward UDP endpoints that are no longer used (upstream does)."""
