@@ -430,6 +430,110 @@ spec:
     delete(lab, "svc", "echo")
 
 
+def test_api_server_unreachable_nodes_keep_their_rules_and_resync(lab):
+    """The API server dies: every node keeps its rules and keeps serving; when it is back, the
+    kube-proxies pick up what changed meanwhile."""
+    from testbed.runtime.processes import ProcessTable
+
+    apply(lab, (SEED / "service-nodeport.yaml").read_text())
+    names = {p["metadata"]["name"] for p in frontend_pods(lab)}
+    get_json(lab, "client", f"http://{NODES[1]}:30007/")
+    table = ProcessTable(lab.state)
+    os.kill(table.load()["apiserver"].pid, signal.SIGKILL)
+    try:
+        assert lab.svclab("get", "svc").returncode != 0  # it is really gone
+        ends = time.monotonic() + 4
+        while time.monotonic() < ends:  # a few seconds without an API: rules stay, traffic flows
+            for node_ip in NODES:
+                assert curl(lab, "client", f"http://{node_ip}:30007/").returncode == 0
+            time.sleep(0.3)
+        for i in range(3):
+            assert table.load()[f"kube-proxy-node{i + 1}"].alive()
+            r = lab.exec(f"node{i + 1}", "curl", "-s", "--max-time", "3", "-o", "/dev/null", "-w", "%{http_code}",
+                         f"http://{NODES[i]}:10249/healthz")
+            assert r.stdout == "200"  # nothing is pending: healthy
+    finally:  # back, as `svclab up` started it: same state directory, same store
+        table.start("apiserver", ["apiserver", "--state-dir", str(lab.state), "--service-cidr", "10.96.0.0/12",
+                                  "--node-port-range", "30000-32767"])
+    deadline = time.monotonic() + 20
+    while lab.svclab("get", "svc").returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    apply(lab, service("after", "  type: NodePort\n  selector: {app: frontend}\n"
+                                "  ports: [{port: 80, targetPort: 8080, nodePort: 30081}]\n"))
+    for node_ip in NODES:  # the informers reconnected and every node synced the new Service
+        assert get_json(lab, "client", f"http://{node_ip}:30081/")["pod"] in names
+    delete(lab, "svc", "after")
+
+
+UDP_CLIENT = """
+import json, pathlib, socket, sys, time
+ip, flag = sys.argv[1], pathlib.Path(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one socket: one conntrack entry all along
+s.settimeout(0.3)
+first, deadline = None, time.monotonic() + 40
+while time.monotonic() < deadline:
+    s.sendto(b"hi", (ip, 53000))
+    try:
+        pod = json.loads(s.recv(4096))["pod"]
+    except OSError:
+        pod = None
+    if pod and first is None:
+        first = pod
+        flag.write_text(first)
+        print("first", pod, flush=True)
+    elif pod and pod != first:
+        print("then", pod, flush=True)
+        break
+    time.sleep(0.2)
+"""
+
+
+def test_udp_flows_toward_a_removed_endpoint_are_deleted(lab, tmp_path):
+    """A UDP client keeps one socket (one conntrack entry) while its endpoint goes away: kube-proxy
+    deletes the entry, so its next datagram reaches another endpoint instead of a dead one."""
+    apply(lab, """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: udp2}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: udp2}}
+  template:
+    metadata: {labels: {app: udp2}}
+    spec:
+      containers: [{name: echo, image: echo, ports: [{containerPort: 9000, protocol: UDP}]}]
+""")
+    apply(lab, service("echo2", "  selector: {app: udp2}\n  ports: [{port: 53000, targetPort: 9000, protocol: UDP}]\n"))
+    deadline = time.monotonic() + 30
+    while sum(e["conditions"].get("ready", False) for s in lab.json("endpointslices", "-l",
+              "kubernetes.io/service-name=echo2")["items"] for e in s.get("endpoints", [])) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    time.sleep(0.5)
+    ip = lab.json("svc", "echo2")["spec"]["clusterIP"]
+    flag = tmp_path / "first"
+    client = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "--state-root", str(lab.root), "--name", lab.name, "exec", "node1", "--",
+         sys.executable, "-c", UDP_CLIENT, ip, str(flag)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 20
+        while not flag.exists() or not flag.read_text():
+            assert time.monotonic() < deadline and client.poll() is None, client.communicate()
+            time.sleep(0.05)
+        first = flag.read_text()
+        lab.svclab("delete", "pod", first, check=True)
+        out, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    lines = out.split("\n")
+    assert lines[0] == f"first {first}" and lines[1].startswith("then udp2-"), (out, err)
+    delete(lab, "deploy", "udp2")
+    delete(lab, "svc", "echo2")
+
+
 def get_json_raw(lab: LabCluster, where: str, url: str) -> bool:
     apply(lab, (SEED / "service-nodeport.yaml").read_text())
     return bool(get_json(lab, where, url))

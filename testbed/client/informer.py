@@ -8,6 +8,7 @@ only when that revision has expired.
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from typing import Awaitable, Callable
 
@@ -45,6 +46,7 @@ class Informer:
         self.cache: dict[ObjKey, Message] = {}
         self.resource_version = ""
         self.synced = asyncio.Event()
+        self.connected_since: float | None = None  # monotonic time the current watch stream first answered
         self._handlers: list[Handler] = []
 
     def on_change(self, handler: Handler) -> None:
@@ -68,6 +70,7 @@ class Informer:
                 self.resource_version = ""
             except ApiError as exc:
                 log.debug("%s watch interrupted: %s", self.kind, exc.message)
+                self.connected_since = None
                 await asyncio.sleep(self._retry_delay)
 
     async def _relist(self) -> None:
@@ -91,6 +94,8 @@ class Informer:
         async for item in self.client.watch(
             self.kind, self._namespace, self.resource_version, self._labels, self._fields
         ):
+            if self.connected_since is None:  # the server answers (bookmarks come every second)
+                self.connected_since = time.monotonic()
             if item.type != "BOOKMARK" and item.obj is not None:
                 key = key_of(item.obj)
                 old = self.cache.get(key)

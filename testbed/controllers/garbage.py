@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from google.protobuf.message import Message
 
-from testbed.api.errors import NotFound
+from testbed.api.errors import ApiError, NotFound
 from testbed.client.client import ApiClient
 from testbed.controllers.base import Informers, controller_of, node_is_ready
+
+log = logging.getLogger("svclab.controller-manager")
 
 OWNER_KINDS = {"Deployment": "deployments", "Service": "services"}
 
@@ -75,7 +78,10 @@ class GarbageCollector:
         for informer in self.informers.all():
             await informer.synced.wait()
         while True:
-            await self.sweep()
+            try:
+                await self.sweep()
+            except ApiError as exc:  # the API server is away: sweep again at the next interval
+                log.info("garbage collector: %s (retrying)", exc.message)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import time
 
 from google.protobuf.message import Message
 
-from testbed.api.errors import Conflict, NotFound
+from testbed.api.errors import ApiError, Conflict, NotFound
 from testbed.api.v1 import api_pb2 as pb
 from testbed.api.meta import copy_of, now_rfc3339
 from testbed.client.client import ApiClient
 from testbed.client.informer import WorkQueue
 from testbed.controllers.base import Informers
+
+log = logging.getLogger("svclab.controller-manager")
 
 
 class NodeIpam:
@@ -73,16 +76,27 @@ class NodeLifecycle:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            now = time.monotonic()
-            for node in self.informers.nodes.items():
-                ready = _ready(node)
-                seen = self._seen.get(node.metadata.name)
-                if ready is None or seen is None:
-                    continue
-                if ready.status != "Unknown" and now - seen[1] > self.grace_period:
-                    await self._mark_unknown(node)
-                if ready.status != "True":
-                    await self._mark_pods_not_ready(node.metadata.name)
+            try:
+                await self._check_nodes()
+            except ApiError as exc:  # the API server is away: judge again once it is back
+                log.info("node lifecycle: %s (retrying)", exc.message)
+
+    async def _check_nodes(self) -> None:
+        # Silence is only a node's fault while we could hear it: after our own watch was
+        # cut (an API server restart), every node gets a full grace period again.
+        heard_since = self.informers.nodes.connected_since
+        if heard_since is None:
+            return
+        now = time.monotonic()
+        for node in self.informers.nodes.items():
+            ready = _ready(node)
+            seen = self._seen.get(node.metadata.name)
+            if ready is None or seen is None:
+                continue
+            if ready.status != "Unknown" and now - max(seen[1], heard_since) > self.grace_period:
+                await self._mark_unknown(node)
+            if ready.status != "True":
+                await self._mark_pods_not_ready(node.metadata.name)
 
     async def _mark_unknown(self, node: pb.Node) -> None:
         update = copy_of(node)
