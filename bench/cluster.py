@@ -148,8 +148,8 @@ def up_steps(stderr: str) -> dict[str, float]:
     return steps
 
 
-def up(root: Path, name: str, nodes: int, manifest: Path | None) -> tuple[float, dict[str, float]]:
-    args = ["up", "--detach", "--nodes", str(nodes), "--timeout", f"{int(UP_TIMEOUT)}s"]
+def up(root: Path, name: str, nodes: int, manifest: Path | None, *extra: str) -> tuple[float, dict[str, float]]:
+    args = ["up", "--detach", "--nodes", str(nodes), "--timeout", f"{int(UP_TIMEOUT)}s", *extra]
     if manifest is not None:
         args += ["-f", str(manifest)]
     t0 = time.perf_counter()

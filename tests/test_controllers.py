@@ -12,7 +12,7 @@ import ipaddress
 import time
 
 from testbed.api.errors import Conflict, NotFound
-from testbed.api.meta import now_rfc3339
+from testbed.api.meta import now_rfc3339, parse_rfc3339
 from tests.builders import deployment, node, service
 from tests.conftest import run
 
@@ -191,12 +191,17 @@ def test_endpoint_slices_follow_pods_and_readiness(apiserver, controller_manager
             # a pod turning unready leaves the ready set but stays listed as not ready
             pod = pods[0]
             pod.status.conditions[0].status = "False"
+            changed_at = time.time()
             await c.update_status(pod)
 
             async def two_ready():
                 return len(await slice_addresses(c)) == 2
 
             await agents.run_until(two_ready)
+            # the slice says when the change that made it was seen (kube-proxy's latency starts there)
+            slices, _ = await c.list("EndpointSlice", label_selector="kubernetes.io/service-name=web")
+            triggered = parse_rfc3339(slices[0].metadata.annotations["endpoints.kubernetes.io/last-change-trigger-time"])
+            assert changed_at <= triggered < changed_at + 2, (changed_at, triggered)
 
             # a pod being deleted gracefully is terminating: ready false, serving true
             other = pods[1]

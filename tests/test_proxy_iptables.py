@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import time
 
@@ -33,6 +31,7 @@ from testbed.proxy.model import (
     ChangeTracker, Endpoint, ProxyState, ServicePort, ServicePortName, build_endpoints, build_service_ports,
     categorize_endpoints,
 )
+from tests.netns import in_ns, link, netns_fixture, run
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
 
 CONFIG = ipt.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
@@ -533,48 +532,7 @@ def test_render_at_10k_services():
 needs_kernel = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("iptables-restore") is None or shutil.which("ip") is None,
     reason="needs root, ip and iptables-restore (network namespaces)")
-
-
-class Namespaces:
-    """Network namespaces named pxt<pid><random>-<role>, and the processes started in them."""
-
-    def __init__(self) -> None:
-        self.prefix = f"pxt{os.getpid()}{secrets.token_hex(2)}"
-        self.names: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-
-    def add(self, role: str) -> str:
-        name = f"{self.prefix}-{role}"
-        run(["ip", "netns", "add", name])
-        self.names.append(name)
-        run(["ip", "-n", name, "link", "set", "lo", "up"])
-        return name
-
-    def popen(self, ns: str, *cmd: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        self.procs.append(proc)
-        return proc
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-        for name in reversed(self.names):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        self.names.clear()
-
-
-def run(cmd: list[str], input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[:6])}... exited {result.returncode}: {result.stderr.strip()}")
-    return result
-
-
-def in_ns(ns: str, *cmd: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return run(["ip", "netns", "exec", ns, *cmd], input=input, check=check)
+netns = netns_fixture("pxt")
 
 
 def restore(ns: str, document: str) -> None:
@@ -592,16 +550,7 @@ def saved(ns: str) -> str:
     return in_ns(ns, "iptables-save").stdout
 
 
-@pytest.fixture
-def netns():
-    spaces = Namespaces()
-    try:
-        yield spaces
-    finally:
-        spaces.cleanup()
-        leftovers = [n for n in os.listdir("/run/netns") if n.startswith(spaces.prefix)] \
-            if os.path.isdir("/run/netns") else []
-        assert not leftovers
+
 
 
 @needs_kernel
@@ -706,14 +655,6 @@ while True:
     c.sendall(f"{name} {peer[0]}".encode())
     c.close()
 """
-
-
-def link(ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> None:
-    """A veth pair made inside ns_a with its peer created directly in ns_b (never in the root namespace)."""
-    run(["ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b])
-    for ns, ifname, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
-        run(["ip", "-n", ns, "addr", "add", ip, "dev", ifname])
-        run(["ip", "-n", ns, "link", "set", ifname, "up"])
 
 
 def ask(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:

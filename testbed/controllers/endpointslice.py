@@ -8,11 +8,13 @@ Services without a selector are left alone: their slices come from the user.
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf.message import Message
 
 from testbed.api.errors import Conflict, NotFound
 from testbed.api.kube_json import int_or_string
-from testbed.api.meta import copy_of
+from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, copy_of, rfc3339_precise
 from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import WorkQueue
@@ -94,18 +96,26 @@ class EndpointSliceController:
         # Slices this controller wrote, by name, with the revision written: the
         # cache is stale for a Service until it shows at least those revisions.
         self._written: dict[tuple[str, str], dict[str, int]] = {}
+        # Per Service, when the oldest change not yet written to its slices was seen: the
+        # slices' last-change-trigger-time (upstream keeps the pods' and Service's own times;
+        # this is when the change reached this controller, a few ms after the API write).
+        self._triggered: dict[tuple[str, str], float] = {}
         informers.services.on_change(self._on_service)
         informers.pods.on_change(self._on_pod)
         informers.slices.on_change(self._on_slice)
 
+    def _changed(self, key: tuple[str, str]) -> None:
+        self._triggered.setdefault(key, time.time())
+        self.queue.add(key)
+
     def _on_service(self, _type: str, old: Message | None, new: Message | None) -> None:
         svc = new or old
-        self.queue.add((svc.metadata.namespace, svc.metadata.name))
+        self._changed((svc.metadata.namespace, svc.metadata.name))
 
     def _on_pod(self, _type: str, old: Message | None, new: Message | None) -> None:
         for svc in self.informers.services.items():
             if (old is not None and selects(svc, old)) or (new is not None and selects(svc, new)):
-                self.queue.add((svc.metadata.namespace, svc.metadata.name))
+                self._changed((svc.metadata.namespace, svc.metadata.name))
 
     def _on_slice(self, _type: str, old: Message | None, new: Message | None) -> None:
         eps = new or old
@@ -133,22 +143,34 @@ class EndpointSliceController:
         return slices
 
     async def reconcile(self, key: tuple[str, str]) -> None:
+        triggered = self._triggered.pop(key, None)
+        done = False
+        try:
+            done = await self._reconcile(key, triggered)
+        finally:
+            if not done and triggered is not None:  # tried again later: the change is still pending
+                self._triggered[key] = min(triggered, self._triggered.get(key, triggered))
+
+    async def _reconcile(self, key: tuple[str, str], triggered: float | None) -> bool:
+        """Bring the Service's slices to what its pods say; False if it must be tried again."""
         namespace, name = key
         svc = self.informers.services.get(namespace, name)
         current = self._current_slices(namespace, name)
         if current is None:
             self.queue.add_after(key, 0.05)
-            return
+            return False
         written: dict[str, int] = {}
         if svc is None or not svc.spec.selector:
             for eps in current:  # the Service went or lost its selector: our slices go too
                 await self._delete(eps, written)
             self._written[key] = written
-            return
+            return True
         pods = [p for p in self.informers.pods.items() if p.metadata.namespace == namespace]
         unused = sorted(current, key=lambda s: s.metadata.name)
         for ports, endpoints in desired_slices(svc, pods):
             want = self._slice(svc, ports, endpoints)
+            if triggered is not None:
+                want.metadata.annotations[LAST_CHANGE_TRIGGER_TIME] = rfc3339_precise(triggered)
             # Prefer the slice with the same ports; else reuse any leftover slice.
             match = next((s for s in unused if list(s.ports) == list(want.ports)), unused[0] if unused else None)
             if match is None:
@@ -165,15 +187,18 @@ class EndpointSliceController:
             update.metadata.labels.update(want.metadata.labels)
             if update == match:
                 continue
+            if triggered is not None:
+                update.metadata.annotations[LAST_CHANGE_TRIGGER_TIME] = want.metadata.annotations[LAST_CHANGE_TRIGGER_TIME]
             try:
                 updated = await self.client.update(update)
             except Conflict:
                 self.queue.add_after(key, 0.05)
-                return
+                return False
             written[updated.metadata.name] = int(updated.metadata.resource_version)
         for eps in unused:
             await self._delete(eps, written)
         self._written[key] = written
+        return True
 
     async def _delete(self, eps: pb.EndpointSlice, written: dict[str, int]) -> None:
         try:

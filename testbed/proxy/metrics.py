@@ -17,6 +17,13 @@ class ProxyMetrics:
             "kubeproxy_sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds", registry=r,
             buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30),
         )
+        self.network_programming = Histogram(
+            "kubeproxy_network_programming_duration_seconds",
+            "From a change seen by the EndpointSlice controller (the slice's last-change-trigger-time) "
+            "to this node's rules reflecting it", registry=r,
+            buckets=(0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+                     0.75, 1, 2, 5, 10, 30, 60),
+        )
         self.last_sync = Gauge("kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                                "The last time proxy rules were successfully synced", registry=r)
         self.last_queued = Gauge("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",

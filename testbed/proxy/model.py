@@ -23,11 +23,13 @@ IPv4 only, like the rest of svclab: IPv6 addresses and slices are ignored.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, NamedTuple
 
 from google.protobuf.message import Message
 
+from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, parse_rfc3339
 from testbed.api.v1 import api_pb2 as pb
 
 # Label that ties an EndpointSlice to its Service (testbed.controllers.endpointslice writes it).
@@ -368,6 +370,11 @@ class ChangeTracker:
 
     def __init__(self, node_name: str) -> None:
         self.state = ProxyState(node_name)
+        self.started = time.time()
+        # last-change-trigger-time of the slice events the last take() applied (those after
+        # this tracker started): kube-proxy's network programming latency starts there
+        self.applied_trigger_times: list[float] = []
+        self._pending_trigger_times: list[float] = []
         self._pending_services: dict[ServiceKey, dict[ServicePortName, ServicePort]] = {}
         self._pending_slices: dict[SliceKey, _Contribution | None] = {}
         self._service_ports: dict[ServiceKey, dict[ServicePortName, ServicePort]] = {}
@@ -392,12 +399,16 @@ class ChangeTracker:
             self._pending_slices[key] = None
         else:
             self._pending_slices[key] = (service, slice_endpoints(new, self.state.node_name))
+            triggered = parse_rfc3339(new.metadata.annotations.get(LAST_CHANGE_TRIGGER_TIME, ""))
+            if triggered is not None and triggered >= self.started:
+                self._pending_trigger_times.append(triggered)
 
     def take(self) -> set[ServicePortName]:
         """Apply the pending events to `state`; the ServicePortNames that really changed."""
         changed: set[ServicePortName] = set()
         pending_services, self._pending_services = self._pending_services, {}
         pending_slices, self._pending_slices = self._pending_slices, {}
+        self.applied_trigger_times, self._pending_trigger_times = self._pending_trigger_times, []
         services = self.state.services
         for key, ports in pending_services.items():
             old = self._service_ports.pop(key, {})

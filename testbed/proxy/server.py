@@ -109,7 +109,10 @@ class ProxyServer:
         for table, count in programmed.items():
             self.metrics.rules.labels(table=table).set(count)
         self.metrics.sync_duration.observe(time.perf_counter() - started)
-        self.metrics.last_sync.set(time.time())
+        now = time.time()
+        for triggered in self.tracker.applied_trigger_times:
+            self.metrics.network_programming.observe(max(0.0, now - triggered))
+        self.metrics.last_sync.set(now)
         self.metrics.service_changes_pending.set(0)
         self.metrics.endpoint_changes_pending.set(0)
         self.health.updated()
