@@ -302,6 +302,21 @@ def test_a_service_whose_rules_fail_is_reported_and_does_not_block_the_others(la
         delete(lab, "svc", name)
 
 
+def test_rules_flushed_behind_kube_proxys_back_are_repaired(lab):
+    apply(lab, (SEED / "service-clusterip.yaml").read_text())
+    ip = lab.json("svc", "frontend-service")["spec"]["clusterIP"]
+    get_json(lab, "node2", f"http://{ip}/")
+    flush = ["iptables", "-t", "nat", "-F"] if lab.mode == "iptables" else ["nft", "flush", "table", "ip", "kube-proxy"]
+    assert lab.exec("node2", *flush).returncode == 0
+    flushed = time.monotonic()
+    log = lab.state / "logs" / "kube-proxy-node2.log"
+    while "resyncing in full" not in log.read_text():  # the monitor noticed (within a second or so)
+        assert time.monotonic() - flushed < 5
+        time.sleep(0.1)
+    get_json(lab, "node2", f"http://{ip}/")
+    assert time.monotonic() - flushed < 5
+
+
 def test_metrics_and_healthz(lab):
     r = lab.exec("node1", "curl", "-s", "--max-time", "3", f"http://{NODES[0]}:10249/metrics")
     assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in r.stdout

@@ -758,3 +758,31 @@ def test_kernel_check_loads_into_a_scratch_namespace(netns):
         backend.check(state.without({bad}))
         backend.check(state.only({spn("ns2", "svc2")}))
     assert "KUBE-" not in in_ns(node, "iptables-save").stdout  # the node saw none of it
+
+
+@needs_kernel
+def test_kernel_backend_notices_flushed_or_deleted_chains_and_repairs(netns):
+    from testbed.proxy.iptables_backend import CANARY, IptablesBackend
+    from testbed.runtime.podnet import entered_netns
+
+    node = netns.add("node")
+    state = ProxyState.from_objects(*golden_objects(), NODE)
+    backend = IptablesBackend(CLUSTER_CIDR, NODE, (NODE_IP,))
+    with entered_netns(node):
+        assert backend.needs_full_sync()  # nothing synced yet
+        backend.sync(state, None)
+        assert not backend.needs_full_sync()
+    whole = saved(node)
+    for breakage in (["-t", "nat", "-F"],  # rules gone, chains kept: upstream's canary alone misses it
+                     ["-t", "filter", "-F"],
+                     ["-t", "mangle", "-X", CANARY]):  # upstream's case: chains deleted
+        in_ns(node, "iptables", "-w", *breakage)
+        with entered_netns(node):
+            assert backend.needs_full_sync(), breakage
+            assert backend.needs_full_sync()  # until a full sync repaired it
+            backend.sync(state, None)
+            assert not backend.needs_full_sync()
+        repaired = saved(node)
+        for table in ("nat", "filter"):
+            assert rules(repaired, table, "KUBE-SERVICES") == rules(whole, table, "KUBE-SERVICES")
+        assert rules(repaired, "nat", "PREROUTING") == rules(whole, "nat", "PREROUTING")  # the hooks too

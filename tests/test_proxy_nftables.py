@@ -33,7 +33,8 @@ import pytest
 
 from testbed.proxy import nftables as nft
 from testbed.proxy.model import ChangeTracker, Endpoint, ProxyState, ServicePort, ServicePortName
-from testbed.proxy.nftables_backend import NftablesBackend, chain_rule_count, table_handle
+from testbed.proxy.nfnetlink import chain_rule_count, table_handle
+from testbed.proxy.nftables_backend import NftablesBackend
 from tests.builders import obj
 from tests.netns import inside, link, netns_fixture, run
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
@@ -622,7 +623,7 @@ def test_kernel_backend_partial_sync_and_repair(netns):
         counts = backend.sync(tracker.state, None)
         assert counts == nft.render(tracker.state, config=CONFIG).counts
         assert not backend.needs_full_sync()
-        handle = table_handle()
+        handle = table_handle(nft.TABLE)
     # markers show which chains a sync rewrote: a rewritten chain loses its marker
     untouched, rewritten = names("ns3").cluster, names("ns1").cluster
     for chain in (untouched, rewritten):
@@ -632,7 +633,7 @@ def test_kernel_backend_partial_sync_and_repair(netns):
     tracker.on_service("DELETED", services[1], None)
     with inside(node):
         backend.sync(tracker.state, tracker.take())
-        assert table_handle() == handle and not backend.needs_full_sync()
+        assert table_handle(nft.TABLE) == handle and not backend.needs_full_sync()
     table_chains, containers = listed(node)
     assert 'comment "marker"' in table_chains[untouched][-1]
     assert not any("marker" in rule for rule in table_chains[rewritten])
@@ -646,7 +647,7 @@ def test_kernel_backend_partial_sync_and_repair(netns):
     # a full sync on the known table: flush, rewrite, and delete what is stale; the handle stays
     with inside(node):
         backend.sync(tracker.state, None)
-        assert table_handle() == handle and not backend.needs_full_sync()
+        assert table_handle(nft.TABLE) == handle and not backend.needs_full_sync()
     table_chains, _ = listed(node)
     assert not any(c.endswith(names("ns2").base) for c in table_chains)
     assert not any("marker" in rule for rules in table_chains.values() for rule in rules)
@@ -654,19 +655,19 @@ def test_kernel_backend_partial_sync_and_repair(netns):
     # someone flushes or deletes the table: the next sync is full and puts everything back
     nft_in(node, "flush", "table", "ip", "kube-proxy")
     with inside(node):
-        assert chain_rule_count(nft.MARK_MASQ) == 0
+        assert chain_rule_count(nft.TABLE, nft.MARK_MASQ) == 0
         assert backend.needs_full_sync()
         backend.sync(tracker.state, None)
         assert not backend.needs_full_sync()
     assert listed(node) == (table_chains, listed(node)[1])
     nft_in(node, "delete", "table", "ip", "kube-proxy")
     with inside(node):
-        assert table_handle() is None and backend.needs_full_sync()
+        assert table_handle(nft.TABLE) is None and backend.needs_full_sync()
         backend.sync(tracker.state, None)
-        assert table_handle() not in (None, handle) and not backend.needs_full_sync()
+        assert table_handle(nft.TABLE) not in (None, handle) and not backend.needs_full_sync()
         backend.cleanup()
         backend.cleanup()  # nothing left: still fine
-        assert table_handle() is None
+        assert table_handle(nft.TABLE) is None
 
 
 @needs_kernel
@@ -830,4 +831,4 @@ def test_kernel_check_loads_into_a_scratch_namespace(netns):
             backend.check(state)
         backend.check(state.without({bad}))
         backend.check(state.only({spn("ns2", "svc2")}))
-        assert table_handle() is None  # the node saw none of it
+        assert table_handle(nft.TABLE) is None  # the node saw none of it

@@ -2,8 +2,12 @@
 
 As upstream: the jumps from the built-in chains are ensured on every full
 sync; each sync is one `iptables-restore --noflush --counters` document; a
-canary chain in the mangle table (KUBE-PROXY-CANARY) tells when someone
-flushed the tables behind kube-proxy's back, and forces a full resync.
+canary chain in the mangle, nat and filter tables (KUBE-PROXY-CANARY) tells when
+someone deleted the tables' chains behind kube-proxy's back, and forces a full
+resync. Beyond upstream, a flush that keeps the chains (`iptables -t nat -F`)
+is noticed too: KUBE-MARK-MASQ (nat) and KUBE-FORWARD (filter) always hold
+rules. With iptables-nft (the nf_tables variant, as here) these are netlink
+questions of ~1 ms (nfnetlink.py); with iptables-legacy, `iptables -S` runs.
 """
 
 from __future__ import annotations
@@ -11,13 +15,18 @@ from __future__ import annotations
 import logging
 import subprocess
 
-from testbed.proxy import iptables, kernel
+from testbed.proxy import iptables, kernel, nfnetlink
 from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
 
 CANARY = "KUBE-PROXY-CANARY"
 CANARY_TABLES = ("mangle", "nat", "filter")
+NEVER_EMPTY = (("nat", iptables.KUBE_MARK_MASQ), ("filter", iptables.KUBE_FORWARD))
+
+
+def _uses_nf_tables() -> bool:
+    return "nf_tables" in subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
 
 
 class IptablesBackend:
@@ -28,17 +37,26 @@ class IptablesBackend:
         self.node_name = node_name
         self._programmed: iptables.Programmed | None = None
         self._canary_ok = False
+        self._nf_tables: bool | None = None  # iptables-nft: probe by netlink (found out at first use)
         self._rule_counts: dict[tuple[str, str], int] = {}  # (table, chain) -> rules, as last written
 
     def needs_full_sync(self) -> bool:
-        """True when the canary chain is gone: the tables were flushed under us."""
+        """True until a full sync succeeded, and when our chains were deleted or flushed under us."""
         if not self._canary_ok:
             return True
-        missing = any(not kernel.succeeds(["iptables", "-w", "-t", t, "-S", CANARY, "1"]) for t in CANARY_TABLES)
-        if missing:
-            log.warning("canary chain %s is gone: the rules were flushed; resyncing in full", CANARY)
+        if self._nf_tables is None:
+            self._nf_tables = _uses_nf_tables()
+        if self._nf_tables:
+            gone = not all(nfnetlink.chain_exists(t, CANARY) for t in CANARY_TABLES)
+            emptied = any(nfnetlink.chain_rule_count(t, c) == 0 for t, c in NEVER_EMPTY)
+        else:
+            gone = not all(kernel.succeeds(["iptables", "-w", "-t", t, "-S", CANARY, "1"]) for t in CANARY_TABLES)
+            emptied = any(not kernel.succeeds(["iptables", "-w", "-t", t, "-S", c, "1"]) for t, c in NEVER_EMPTY)
+        if gone or emptied:
+            log.warning("%s: resyncing in full", f"canary chain {CANARY} is gone" if gone else
+                        "the tables were flushed (KUBE-MARK-MASQ / KUBE-FORWARD are empty)")
             self._canary_ok = False
-        return missing
+        return gone or emptied
 
     def sync(self, state: ProxyState, changed: set[ServicePortName] | None) -> dict[str, int]:
         """Apply the state; returns the number of rules programmed per table."""

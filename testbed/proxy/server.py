@@ -35,6 +35,7 @@ log = logging.getLogger("svclab.kube-proxy")
 
 FULL_SYNC_PERIOD = 60.0
 RETRY_AFTER_FAILURE = 1.0
+MONITOR_INTERVAL = 1.0  # how often to ask whether someone flushed our rules (upstream: its sync period)
 
 
 class ProxyServer:
@@ -56,6 +57,7 @@ class ProxyServer:
         self._udp_endpoints: set[tuple[str, int, str]] = set()
         self._pending = {"services": 0, "endpoints": 0}
         self.failed: dict[ServicePortName, str] = {}  # Service ports left out: the kernel refused their rules
+        self._backend_lock = asyncio.Lock()  # one backend call at a time: syncs and the monitor's probes
         self.services.on_change(self.tracker.on_service)
         self.slices.on_change(self.tracker.on_slice)
         self.services.on_change(lambda *_: self._queued("services"))
@@ -72,6 +74,19 @@ class ProxyServer:
         self.runner.request()
 
     async def sync(self) -> None:
+        async with self._backend_lock:
+            await self._sync()
+
+    async def monitor(self, interval: float = MONITOR_INTERVAL) -> None:
+        """Repair at once rules someone flushed or deleted (upstream's canary monitor)."""
+        while True:
+            await asyncio.sleep(interval)
+            async with self._backend_lock:
+                flushed = await asyncio.to_thread(self.backend.needs_full_sync)
+            if flushed:
+                self.runner.request()
+
+    async def _sync(self) -> None:
         started = time.perf_counter()
         changed = self.tracker.take()  # applies the pending events to tracker.state
         self._pending = {"services": 0, "endpoints": 0}
@@ -172,6 +187,7 @@ class ProxyServer:
         await self.services.synced.wait()
         await self.slices.synced.wait()
         tasks.append(asyncio.create_task(self.runner.run()))
+        tasks.append(asyncio.create_task(self.monitor()))
         self.runner.request()
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
