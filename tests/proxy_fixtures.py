@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from testbed.proxy.model import ServicePortName
+from testbed.proxy.model import ChangeTracker, ServicePortName
 from tests.builders import obj
 
 NODE = "node-a"
@@ -70,3 +70,8 @@ def golden_objects():
         eps("ns0", "headless", [("10.244.1.11", NODE)]),
     ]
     return services, slices
+
+
+def tracked(services, slices) -> ChangeTracker:
+    """A ChangeTracker of this node that has seen and applied the objects."""
+    return ChangeTracker.from_objects(services, slices, NODE)

@@ -201,21 +201,26 @@ def test_hairpin_a_pod_reaches_itself_through_its_service(lab):
     assert answer["client"].split(":")[0] != pod["status"]["podIP"]  # hairpin traffic is masqueraded
 
 
-def test_udp_service(lab):
-    # the built-in workload echoes on the UDP ports a pod declares
-    apply(lab, """
+def udp_echo(lab: LabCluster, app: str, name: str) -> None:
+    """Two pods of the built-in workload (it echoes on the UDP ports a pod declares) behind
+    Service `name`, UDP port 53000."""
+    apply(lab, f"""
 apiVersion: apps/v1
 kind: Deployment
-metadata: {name: udp}
+metadata: {{name: {app}}}
 spec:
   replicas: 2
-  selector: {matchLabels: {app: udp}}
+  selector: {{matchLabels: {{app: {app}}}}}
   template:
-    metadata: {labels: {app: udp}}
+    metadata: {{labels: {{app: {app}}}}}
     spec:
-      containers: [{name: echo, image: echo, ports: [{containerPort: 9000, protocol: UDP}]}]
+      containers: [{{name: echo, image: echo, ports: [{{containerPort: 9000, protocol: UDP}}]}}]
 """)
-    apply(lab, service("echo", "  selector: {app: udp}\n  ports: [{port: 53000, targetPort: 9000, protocol: UDP}]\n"))
+    apply(lab, service(name, f"  selector: {{app: {app}}}\n  ports: [{{port: 53000, targetPort: 9000, protocol: UDP}}]\n"))
+
+
+def test_udp_service(lab):
+    udp_echo(lab, "udp", "echo")
     ip = lab.json("svc", "echo")["spec"]["clusterIP"]
     probe = ("import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.settimeout(2);"
              "s.sendto(b'hi',(sys.argv[1],53000)); print(s.recv(4096).decode())")
@@ -510,19 +515,7 @@ while time.monotonic() < deadline:
 def test_udp_flows_toward_a_removed_endpoint_are_deleted(lab, tmp_path):
     """A UDP client keeps one socket (one conntrack entry) while its endpoint goes away: kube-proxy
     deletes the entry, so its next datagram reaches another endpoint instead of a dead one."""
-    apply(lab, """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: udp2}
-spec:
-  replicas: 2
-  selector: {matchLabels: {app: udp2}}
-  template:
-    metadata: {labels: {app: udp2}}
-    spec:
-      containers: [{name: echo, image: echo, ports: [{containerPort: 9000, protocol: UDP}]}]
-""")
-    apply(lab, service("echo2", "  selector: {app: udp2}\n  ports: [{port: 53000, targetPort: 9000, protocol: UDP}]\n"))
+    udp_echo(lab, "udp2", "echo2")
     deadline = time.monotonic() + 30
     while sum(e["conditions"].get("ready", False) for s in lab.json("endpointslices", "-l",
               "kubernetes.io/service-name=echo2")["items"] for e in s.get("endpoints", [])) < 2:

@@ -32,7 +32,7 @@ from testbed.proxy.model import (
     categorize_endpoints,
 )
 from tests.netns import in_ns, link, netns_fixture, run
-from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
+from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc, tracked
 
 CONFIG = ipt.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
 
@@ -393,13 +393,8 @@ def names_of(ns: str, name: str) -> ipt.ServiceChains:
 
 
 def test_partial_render_rewrites_only_changed_services():
-    tracker = ChangeTracker(NODE)
     services, slices = golden_objects()
-    for s in services:
-        tracker.on_service("ADDED", None, s)
-    for e in slices:
-        tracker.on_slice("ADDED", None, e)
-    tracker.take()
+    tracker = tracked(services, slices)
     first = ipt.render(tracker.state, config=CONFIG)
 
     old1 = sep("ns1", "10.244.2.2:8080")
@@ -432,13 +427,8 @@ def test_partial_render_leaves_unchanged_top_level_chains_alone():
     """An endpoint change that keeps the Service's endpoints non-empty does not alter the top
     level: the document writes only that Service's chains (no KUBE-SERVICES, no filter table);
     a change that alters nothing writes no document at all."""
-    tracker = ChangeTracker(NODE)
     services, slices = golden_objects()
-    for s in services:
-        tracker.on_service("ADDED", None, s)
-    for e in slices:
-        tracker.on_slice("ADDED", None, e)
-    tracker.take()
+    tracker = tracked(services, slices)
     first = ipt.render(tracker.state, config=CONFIG)
     tracker.on_slice("MODIFIED", slices[0], eps("ns1", "svc1", [("10.244.1.2", NODE), ("10.244.2.3", "node-b")]))
     result = ipt.render(tracker.state, tracker.take(), first.programmed, config=CONFIG)
@@ -603,13 +593,8 @@ def saved_rules(dump: str) -> list[str]:
 @needs_kernel
 def test_kernel_partial_sync(netns):
     node = netns.add("node")
-    tracker = ChangeTracker(NODE)
     services, slices = golden_objects()
-    for s in services:
-        tracker.on_service("ADDED", None, s)
-    for e in slices:
-        tracker.on_slice("ADDED", None, e)
-    tracker.take()
+    tracker = tracked(services, slices)
     first = ipt.render(tracker.state, config=CONFIG)
     restore(node, first.document)
     # Marker rules show which chains a sync flushed: a rewritten chain loses its marker.
@@ -724,12 +709,7 @@ def test_packets_through_the_rules(netns):
     assert answers == {"pod1 10.244.3.2", "pod2 10.244.3.2"}
 
     # A partial sync removes web's endpoints: its clients are refused from then on
-    tracker = ChangeTracker(NODE)
-    for s in services:
-        tracker.on_service("ADDED", None, s)
-    for e in slices:
-        tracker.on_slice("ADDED", None, e)
-    tracker.take()
+    tracker = tracked(services, slices)
     before = ipt.render(tracker.state, config=CONFIG)
     tracker.on_slice("MODIFIED", slices[0], eps("default", "web", []))
     after = ipt.render(tracker.state, tracker.take(), before.programmed, config=CONFIG)
@@ -737,27 +717,6 @@ def test_packets_through_the_rules(netns):
     with pytest.raises(ConnectionRefusedError):
         ask(pods["client"], "10.96.0.20", 80)
     assert ask(pods["ext"], NODE_IP, 30080) == "pod1 203.0.113.2"  # untouched Service still served
-
-
-@needs_kernel
-def test_kernel_check_loads_into_a_scratch_namespace(netns):
-    """backend.check() asks the kernel about a ruleset without touching the node: a Service
-    annotated svclab.io/fault: invalid-rules fails it, the same state without it passes."""
-    from testbed.proxy import kernel
-    from testbed.proxy.iptables_backend import IptablesBackend
-    from testbed.runtime.podnet import entered_netns
-
-    node = netns.add("node")
-    state = ProxyState.from_objects(*golden_objects(), NODE)
-    bad = spn("ns1", "svc1")
-    state.services[bad] = dataclasses.replace(state.services[bad], invalid_rule=True)
-    backend = IptablesBackend(CLUSTER_CIDR, NODE, (NODE_IP,))
-    with entered_netns(node):
-        with pytest.raises(kernel.RulesFailed, match="svclab-fault-no-such-chain"):
-            backend.check(state)
-        backend.check(state.without({bad}))
-        backend.check(state.only({spn("ns2", "svc2")}))
-    assert "KUBE-" not in in_ns(node, "iptables-save").stdout  # the node saw none of it
 
 
 @needs_kernel

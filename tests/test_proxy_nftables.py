@@ -32,12 +32,12 @@ from fractions import Fraction
 import pytest
 
 from testbed.proxy import nftables as nft
-from testbed.proxy.model import ChangeTracker, Endpoint, ProxyState, ServicePort, ServicePortName
+from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
 from testbed.proxy.nfnetlink import chain_rule_count, table_handle
 from testbed.proxy.nftables_backend import NftablesBackend
 from tests.builders import obj
 from tests.netns import inside, link, netns_fixture, run
-from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
+from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc, tracked
 
 CONFIG = nft.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
 
@@ -47,16 +47,6 @@ CONFIG = nft.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
 
 
 
-
-
-def tracked(services, slices) -> ChangeTracker:
-    tracker = ChangeTracker(NODE)
-    for s in services:
-        tracker.on_service("ADDED", None, s)
-    for e in slices:
-        tracker.on_slice("ADDED", None, e)
-    tracker.take()
-    return tracker
 
 
 # ------------------------------------------------------------------ reading a script back
@@ -813,22 +803,3 @@ def test_packets_through_the_rules(netns):
     with pytest.raises(ConnectionRefusedError):
         ask(pods["client"], "10.96.0.20", 80)
     assert ask(pods["ext"], NODE_IP, 30080) == "pod1 203.0.113.2"  # an untouched Service still served
-
-
-@needs_kernel
-def test_kernel_check_loads_into_a_scratch_namespace(netns):
-    """backend.check() asks the kernel about a ruleset without touching the node: a Service
-    annotated svclab.io/fault: invalid-rules fails it, the same state without it passes."""
-    from testbed.proxy import kernel
-
-    node = netns.add("node")
-    state = ProxyState.from_objects(*golden_objects(), NODE)
-    bad = spn("ns1", "svc1")
-    state.services[bad] = dataclasses.replace(state.services[bad], invalid_rule=True)
-    backend = NftablesBackend(CLUSTER_CIDR, NODE, (NODE_IP,))
-    with inside(node):
-        with pytest.raises(kernel.RulesFailed, match="svclab-fault-no-such-chain"):
-            backend.check(state)
-        backend.check(state.without({bad}))
-        backend.check(state.only({spn("ns2", "svc2")}))
-        assert table_handle(nft.TABLE) is None  # the node saw none of it

@@ -329,13 +329,7 @@ class ProxyState:
     @classmethod
     def from_objects(cls, services: Iterable[pb.Service], slices: Iterable[pb.EndpointSlice],
                      node_name: str) -> ProxyState:
-        tracker = ChangeTracker(node_name)
-        for svc in services:
-            tracker.on_service("ADDED", None, svc)
-        for eps in slices:
-            tracker.on_slice("ADDED", None, eps)
-        tracker.take()
-        return tracker.state
+        return ChangeTracker.from_objects(services, slices, node_name).state
 
     def without(self, names: Collection[ServicePortName]) -> ProxyState:
         """The same state less some ServicePorts, which then get no rules at all."""
@@ -380,6 +374,18 @@ class ChangeTracker:
         self._service_ports: dict[ServiceKey, dict[ServicePortName, ServicePort]] = {}
         self._slices: dict[SliceKey, _Contribution] = {}
         self._slices_by_service: dict[ServiceKey, dict[SliceKey, dict[ServicePortName, tuple[Endpoint, ...]]]] = {}
+
+    @classmethod
+    def from_objects(cls, services: Iterable[pb.Service], slices: Iterable[pb.EndpointSlice],
+                     node_name: str) -> ChangeTracker:
+        """A tracker that has seen and applied these objects."""
+        tracker = cls(node_name)
+        for svc in services:
+            tracker.on_service("ADDED", None, svc)
+        for eps in slices:
+            tracker.on_slice("ADDED", None, eps)
+        tracker.take()
+        return tracker
 
     @property
     def pending(self) -> bool:

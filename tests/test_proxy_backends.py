@@ -1,6 +1,7 @@
-"""SCTP Services in both kube-proxy modes, with real SCTP packets.
+"""Both kube-proxy backends against the real kernel: checks in a scratch namespace, and SCTP
+Services with real SCTP packets.
 
-This kernel has SCTP connection tracking, NAT and the iptables `sctp` match built in, but no
+SCTP: this kernel has SCTP connection tracking, NAT and the iptables `sctp` match built in, but no
 SCTP sockets (CONFIG_IP_SCTP unset, see README). So the packets are made by hand and sent and
 received on raw IP sockets (protocol 132): an SCTP INIT chunk with its CRC32c, which conntrack
 checks. The endpoint's raw socket sees the packet as kube-proxy's rules left it: destination
@@ -17,18 +18,46 @@ import shutil
 import socket
 import struct
 
+import dataclasses
+
 import pytest
 
+from testbed.proxy import kernel
 from testbed.proxy.iptables_backend import IptablesBackend
 from testbed.proxy.model import ProxyState
 from testbed.proxy.nftables_backend import NftablesBackend
 from tests.netns import inside, link, netns_fixture, run
-from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, svc
+from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft", "iptables-restore")),
     reason="needs root, ip, nft and iptables-restore (network namespaces)")
-netns = netns_fixture("sctp")
+netns = netns_fixture("pxb")
+BACKENDS = pytest.mark.parametrize("backend_class", [IptablesBackend, NftablesBackend], ids=["iptables", "nftables"])
+
+
+def kube_rules_in(ns: str) -> str:
+    """Whatever kube-proxy rules the namespace holds, in either family of tools."""
+    iptables = run(["ip", "netns", "exec", ns, "iptables-save"]).stdout
+    nft = run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"]).stdout
+    return "\n".join(line for line in (iptables + nft).splitlines() if "KUBE-" in line or "kube-proxy" in line)
+
+
+@BACKENDS
+def test_check_loads_into_a_scratch_namespace(netns, backend_class):
+    """backend.check() asks the kernel about a ruleset without touching the node: a Service
+    annotated svclab.io/fault: invalid-rules fails it, the same state without it passes."""
+    node = netns.add("node")
+    state = ProxyState.from_objects(*golden_objects(), NODE)
+    bad = spn("ns1", "svc1")
+    state.services[bad] = dataclasses.replace(state.services[bad], invalid_rule=True)
+    backend = backend_class(CLUSTER_CIDR, NODE, (NODE_IP,))
+    with inside(node):
+        with pytest.raises(kernel.RulesFailed, match="svclab-fault-no-such-chain"):
+            backend.check(state)
+        backend.check(state.without({bad}))
+        backend.check(state.only({spn("ns2", "svc2")}))
+    assert kube_rules_in(node) == ""  # the node saw none of it
 
 SCTP = 132
 CLUSTER_IP, PORT, NODE_PORT, POD_IP = "10.96.0.30", 3868, 30868, "10.244.1.2"
@@ -67,7 +96,7 @@ def received(sock: socket.socket) -> tuple[str, str, int]:
     return socket.inet_ntoa(data[12:16]), socket.inet_ntoa(data[16:20]), destination_port
 
 
-@pytest.mark.parametrize("backend_class", [IptablesBackend, NftablesBackend], ids=["iptables", "nftables"])
+@BACKENDS
 def test_sctp_service_dnats_real_sctp_packets(netns, backend_class):
     node, pod, ext = netns.add("node"), netns.add("pod"), netns.add("ext")
     run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])  # the node namespace's own
