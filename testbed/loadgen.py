@@ -2,8 +2,8 @@
 
 Starts one request every 1/rate seconds (each on its own thread, so a hanging request
 never delays the next), each a new TCP connection bounded by --timeout, and prints one
-JSON list: per request its start time (s since the first), ok, latency (ms) and the
-answering pod. Runs wherever it is started (e.g. `ip netns exec <c>-client`).
+JSON object: the wall-clock start (time.time()) and per request its start (s after
+that), ok, latency (ms) and the answering pod (or the error). Runs wherever it is started (e.g. `ip netns exec <c>-client`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def fetch(url: str, timeout: float) -> tuple[bool, str]:
         return False, type(exc).__name__
 
 
-def run(url: str, rate: float, duration: float, timeout: float) -> list[dict]:
+def run(url: str, rate: float, duration: float, timeout: float) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
-    t0 = time.monotonic()
+    wall, t0 = time.time(), time.monotonic()
 
     def one(start: float) -> None:
         ok, detail = fetch(url, timeout)
@@ -43,7 +43,7 @@ def run(url: str, rate: float, duration: float, timeout: float) -> list[dict]:
         threads.append(thread)
     for thread in threads:
         thread.join()
-    return sorted(results, key=lambda r: r["t"])
+    return {"start": wall, "requests": sorted(results, key=lambda r: r["t"])}
 
 
 def main() -> None:

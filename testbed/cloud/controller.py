@@ -69,6 +69,7 @@ class CloudController:
         self.services = Informer(client, "Service")
         self.nodes = Informer(client, "Node")
         self.queue = WorkQueue()
+        self.pending: set = set()  # LoadBalancer Services without an IP, retried when one is released
         self.checker = HealthChecker(health, self.refresh)
         self.services.on_change(lambda _t, old, new: self.queue.add(key_of(new or old)))
         self.nodes.on_change(lambda *_: self.refresh())
@@ -81,8 +82,10 @@ class CloudController:
             for ingress in svc.status.load_balancer.ingress if is_lb(svc) else []:
                 if not self.pool.adopt(key_of(svc), ingress.ip):
                     log.warning("%s/%s shows %s, which is not ours to keep", *key_of(svc), ingress.ip)
-        await self.feed.start()
+        self.refresh()  # starts the health checks
+        await self.checker.settled(timeout=2 * self.checker.settings.timeout + 0.5)
         self.refresh()
+        await self.feed.start()
         tasks.append(asyncio.create_task(run_worker("cloud", self.queue, self.reconcile)))
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -91,14 +94,24 @@ class CloudController:
     async def reconcile(self, key) -> None:
         svc = self.services.get(*key)
         if not is_lb(svc):
+            self.pending.discard(key)
             if self.pool.release(key):
                 log.info("%s/%s: released its external IP", *key)
+                for waiting in sorted(self.pending):  # first come, first served
+                    self.queue.add(waiting)
             if svc is not None and any(c.type == CONDITION for c in svc.status.conditions):
                 await self._write_status(svc, None, "")
         else:
+            held = self.pool.held.get(key)
             ip, reason = self.pool.allocate(key, svc.spec.load_balancer_ip)
             if ip is None:
                 log.info("%s/%s: pending: %s", *key, reason)
+                self.pending.add(key)
+            else:
+                self.pending.discard(key)
+            if held is not None and held != ip:
+                for waiting in sorted(self.pending - {key}):
+                    self.queue.add(waiting)
             await self._write_status(svc, ip, reason)
         self.refresh()
 

@@ -2,8 +2,10 @@
 
 externalTrafficPolicy Cluster: a TCP connect to nodeIP:nodePort. Local: an HTTP GET of
 nodeIP:healthCheckNodePort (kube-proxy answers 200 only where the Service has local
-endpoints). A target starts unhealthy, turns healthy after `healthy_threshold`
-successes in a row and unhealthy after `unhealthy_threshold` failures in a row.
+endpoints). A new target's first probe decides its state (so a restarted
+cloud-controller republishes the same nodes at once, instead of none until the
+thresholds pass); after that it turns healthy after `healthy_threshold` successes in a
+row and unhealthy after `unhealthy_threshold` failures in a row.
 Probes start every `interval` (start to start), each bounded by `timeout`, so with the
 defaults (0.5 s, 0.4 s, 2 failures) a dead node is out within 1.4 s.
 """
@@ -60,14 +62,22 @@ class HealthChecker:
         self.settings = settings
         self.on_change = on_change
         self.healthy: set[Target] = set()
+        self.known: set[Target] = set()  # probed at least once
         self._tasks: dict[Target, asyncio.Task] = {}
 
     def track(self, targets: set[Target]) -> None:
         for target in self._tasks.keys() - targets:
             self._tasks.pop(target).cancel()
             self.healthy.discard(target)
+            self.known.discard(target)
         for target in targets - self._tasks.keys():
             self._tasks[target] = asyncio.create_task(self._run(target), name=f"health {target}")
+
+    async def settled(self, timeout: float) -> None:
+        """Wait (at most timeout) until every tracked target has been probed once."""
+        deadline = time.monotonic() + timeout
+        while self._tasks.keys() - self.known and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def close(self) -> None:
         self.track(set())
@@ -80,7 +90,13 @@ class HealthChecker:
             ok = await probe(target, s.timeout)
             streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1
             was = target in self.healthy
-            if not was and streak >= s.healthy_threshold:
+            if target not in self.known:
+                self.known.add(target)
+                if ok:
+                    self.healthy.add(target)
+                log.info("%s is %s", target, "healthy" if ok else "unhealthy")
+                self.on_change()
+            elif not was and streak >= s.healthy_threshold:
                 self.healthy.add(target)
                 log.info("%s is healthy", target)
                 self.on_change()
