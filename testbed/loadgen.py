@@ -20,7 +20,8 @@ def fetch(url: str, timeout: float) -> tuple[bool, str]:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return True, json.loads(response.read()).get("pod", "")
     except Exception as exc:  # any failure counts; the kind is in the report
-        return False, type(exc).__name__
+        reason = getattr(exc, "reason", None)  # URLError wraps the socket error
+        return False, type(reason if isinstance(reason, BaseException) else exc).__name__
 
 
 def run(url: str, rate: float, duration: float, timeout: float) -> dict:

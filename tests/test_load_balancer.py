@@ -15,14 +15,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from controller.table import Table
 from testbed.client.client import ApiClient
 from testbed.paths import StateDir
 from testbed.runtime import loadbalancer
@@ -98,10 +96,7 @@ def external_ip(lab: LabCluster, name: str, timeout: float = 15) -> str:
 
 def table(lab: LabCluster) -> dict:
     """What the cloud-controller publishes right now: external IP -> LoadBalancer."""
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(lab.state / "lb.sock"))
-        return Table.loads(sock.makefile("rb").readline()).by_ip()
+    return loadbalancer.published_table(lab.state).by_ip()
 
 
 def wait_backends(lab: LabCluster, ip: str, want: set[str], timeout: float = 20) -> float:
@@ -156,8 +151,7 @@ def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float
 
 
 def set_port(lab: LabCluster, node: str, state: str) -> None:
-    """Crash ("down") or revive ("up") a node: its port on the nodes bridge."""
-    subprocess.run(["ovs-ofctl", "mod-port", f"{lab.name}-nodes", f"{lab.name}-n{node[-1]}", state], check=True)
+    loadbalancer.node_port_state(lab.name, node, state)
 
 
 def cordon(lab: LabCluster, node: str, unschedulable: bool) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from controller.table import Table
 from testbed.runtime.config import ClusterConfig
 from testbed.runtime.processes import ProcessTable
 from testbed.runtime.routes import run_checked
@@ -83,3 +84,21 @@ def listening(port: int) -> bool:
 def connected(bridge: str) -> bool:
     state = subprocess.run(["ovs-vsctl", "get", "controller", bridge, "is_connected"], capture_output=True, text=True)
     return state.returncode == 0 and state.stdout.strip() == "true"
+
+
+def published_table(state_dir: Path, timeout: float = 5) -> Table:
+    """What the cloud-controller publishes right now (reads the first line of its feed)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(state_dir / "lb.sock"))
+        return Table.loads(sock.makefile("rb").readline())
+
+
+def node_port_state(cluster: str, node: str, state: str) -> None:
+    """Crash ("down") or revive ("up") a node as the network sees it: its port on the nodes bridge.
+
+    The node drops off the network (nothing in or out) while its namespace, addresses,
+    routes and rules stay as they were, so a revived node is the same machine again.
+    (Taking eth0 down inside the node instead makes the kernel drop the node's routes.)
+    """
+    run_checked(["ovs-ofctl", "mod-port", f"{cluster}-nodes", f"{cluster}-n{node.removeprefix('node')}", state])
