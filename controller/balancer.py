@@ -117,10 +117,9 @@ class Balancer:
         parsed = flows.parse_cookie(value)
         if parsed is None or parsed[0] != flows.FORWARD:
             return
-        conn = flows.connection_from_rule(match, (("set", "ipv4_dst", ""), ("set", "tcp_dst", 0),
-                                                  ("set", "udp_dst", 0)), parsed[1])
-        if conn is not None:
-            self.connections.pop(conn.key, None)
+        key = flows.connection_key(match, parsed[1])
+        if key is not None:
+            self.connections.pop(key, None)
 
     def counts(self) -> dict[str, int]:
         """Open connections per node."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from controller.table import LoadBalancer, Port
+from controller.table import LoadBalancer
 
 ARP, PUNT, GUARD, FORWARD, REPLY, DENY = 1, 2, 3, 4, 5, 6
 MARK = 0x5CB0
@@ -169,6 +169,15 @@ def delete_standing(external_ip: str) -> list[Delete]:
     """The standing rules of one external IP (before rewriting them for a changed Service)."""
     full = 0xFFFFFFFFFFFFFFFF
     return [Delete(cookie(kind, external_ip), full) for kind in (ARP, PUNT, GUARD)]
+
+
+def connection_key(match: dict, external_ip: str) -> tuple | None:
+    """The connection a FORWARD rule's match belongs to (Connection.key)."""
+    proto = match.get("ip_proto")
+    if proto not in (6, 17) or "ipv4_src" not in match:
+        return None
+    t = l4(proto)
+    return (proto, match["ipv4_src"], match.get(f"{t}_src"), external_ip, match.get(f"{t}_dst"))
 
 
 def connection_from_rule(match: dict, actions: tuple[Action, ...], external_ip: str) -> Connection | None:

@@ -175,3 +175,12 @@ def test_restarted_controller_relearns_connections_and_drops_stale_ips():
     assert second.connections == {conn.key: conn}
     assert flows.delete_lb("203.0.113.101") in changes
     assert new(second, 40000)[1].node == conn.node
+
+
+def test_idled_out_connection_is_forgotten():
+    b = Balancer(1, GW_MAC)
+    b.set_table(Table((lb(),)))
+    conn = new(b, 40000)[1]
+    forward = serialize(flows.connection_rules(conn, 1, GW_MAC, 60)[0])
+    b.flow_removed(forward.cookie, openflow.match_dict(forward.match))
+    assert not b.connections
