@@ -86,3 +86,51 @@ def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_na
         raise click.ClickException(str(exc)) from None
     address, token = api_endpoint(target, api, token_file)
     run(address, token, node_name, backend, min_sync_period, metrics_address)
+
+
+@click.command(name="cloud-controller")
+@_api_options
+@click.option("--pool", default="203.0.113.100-203.0.113.199", show_default=True,
+              help="External IPs for LoadBalancer Services, A-B.")
+@click.option("--feed-socket", type=click.Path(path_type=Path), default=None,
+              help="Where the load balancer app reads the table (default: <state-dir>/lb.sock).")
+@click.option("--health-interval", type=Duration(), default="500ms", show_default=True)
+@click.option("--health-timeout", type=Duration(), default="400ms", show_default=True)
+@click.option("--healthy-threshold", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--unhealthy-threshold", type=click.IntRange(1), default=2, show_default=True)
+@pass_target
+def cloud_controller(target: Target, api: str | None, token_file: Path | None, pool: str, feed_socket: Path | None,
+                     health_interval: float, health_timeout: float, healthy_threshold: int,
+                     unhealthy_threshold: int) -> None:
+    """Play the cloud provider: external IPs and status for LoadBalancer Services, node health checks."""
+    from testbed.cloud.controller import run
+    from testbed.cloud.health import HealthSettings
+    from testbed.cloud.ipam import parse_pool
+
+    try:
+        parse_pool(pool)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--pool") from None
+    address, token = api_endpoint(target, api, token_file)
+    run(address, token, pool, feed_socket or target.state.path / "lb.sock",
+        HealthSettings(health_interval, health_timeout, healthy_threshold, unhealthy_threshold))
+
+
+@click.command(name="lb-controller")
+@click.option("--openflow-port", type=click.IntRange(1, 65535), required=True,
+              help="Listen for the switch on 127.0.0.1:PORT.")
+@click.option("--feed-socket", type=click.Path(path_type=Path), default=None,
+              help="The cloud-controller's table (default: <state-dir>/lb.sock).")
+@click.option("--gw-port", type=int, default=1, show_default=True, help="OpenFlow port of the router on the bridge.")
+@click.option("--gw-mac", required=True, help="The router's MAC address on the bridge.")
+@click.option("--idle-timeout", type=Duration(), default="60s", show_default=True,
+              help="A connection's rules go after this long without packets.")
+@pass_target
+def lb_controller(target: Target, openflow_port: int, feed_socket: Path | None, gw_port: int, gw_mac: str,
+                  idle_timeout: float) -> None:
+    """Run the OpenFlow load balancer (os-ken) for the edge bridge."""
+    from controller.lb_app import Settings
+    from controller.main import run
+
+    run(openflow_port, Settings(str(feed_socket or target.state.path / "lb.sock"), gw_port, gw_mac,
+                                max(1, int(idle_timeout))))

@@ -25,6 +25,7 @@ def cli(ctx: click.Context, name: str | None, state_dir: Path | None, state_root
 
 for command in (objects.apply, objects.get, objects.describe_cmd, objects.delete, objects.scale,
                 components.apiserver, components.controller_manager, components.kube_proxy,
+                components.cloud_controller, components.lb_controller,
                 cluster_cmds.up, cluster_cmds.demo, cluster_cmds.down, cluster_cmds.clean_cmd, cluster_cmds.exec_cmd,
                 cluster_cmds.kubelet, cluster_cmds.rules):
     cli.add_command(command)

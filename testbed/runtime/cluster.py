@@ -2,8 +2,9 @@
 
 `Cluster.start()` is what `svclab up` does, step by step with progress:
 the API server (root namespace, Unix socket), the Mininet network (nodes,
-router, client), the controller-manager, then a kubelet inside each node's
-namespace, the cluster add-ons, and the user's manifests. `stop()` undoes it
+router, client), the controller-manager, then a kubelet and a kube-proxy inside
+each node's namespace, the cloud load balancer (loadbalancer.py), the cluster
+add-ons, and the user's manifests. `stop()` undoes it
 in reverse; `clean()` removes what a cluster whose processes died left behind.
 """
 
@@ -24,7 +25,7 @@ from testbed.client.client import ApiClient
 from testbed.api.v1 import api_pb2 as pb
 from testbed.manifests import load_paths
 from testbed.paths import StateDir
-from testbed.runtime import naming, podnet, topology
+from testbed.runtime import loadbalancer, naming, podnet, topology
 from testbed.runtime.config import ClusterConfig
 from testbed.runtime.processes import ProcessTable, stop_pids
 from testbed.runtime.routes import run_checked
@@ -51,6 +52,7 @@ class Cluster:
         self.progress = progress
         self.processes = ProcessTable(state.path)
         self.network: topology.ClusterNetwork | None = None
+        self._openflow_port = 0
 
     # ------------------------------------------------------------ up
 
@@ -75,8 +77,10 @@ class Cluster:
             self._step(f"network: {self.config.nodes} nodes, router, client", self._start_network)
             self._step("API server", self._wait_apiserver)
             self._step("controller-manager", self._start_controller_manager)
+            self._step("cloud load balancer", self._start_load_balancer)  # os-ken imports while the rest starts
             self._step("kubelets", self._start_kubelets)
             self._step(f"kube-proxies ({self.config.proxy_mode})", self._start_kube_proxies)
+            self._step("edge bridge attached to the load balancer", self._attach_load_balancer)
             summary = asyncio.run(self._converge(manifests, deadline=time.monotonic() + timeout))
         except BaseException:
             kept = self._keep_logs()
@@ -151,6 +155,12 @@ class Cluster:
                 "--cluster-cidr", self.config.pod_subnet, "--min-sync-period", str(self.config.min_sync_period),
                 "--metrics-address", f"{self.network.node_ip(node)}:10249",
             ], netns=self.network.netns(node))
+
+    def _start_load_balancer(self) -> None:
+        self._openflow_port = loadbalancer.start(self.config, self.state.path, self.processes, self.network)
+
+    def _attach_load_balancer(self) -> None:
+        loadbalancer.attach(self.network.bridges["edge"], self._openflow_port, 30, self._check_processes)
 
     async def _converge(self, manifests: list[Message], deadline: float) -> Summary:
         async with ApiClient.for_state_dir(self.state) as client:

@@ -14,6 +14,12 @@
       mode: iptables          # iptables | nftables | ipvs
       minSyncPeriod: 1s
     nodeMonitorGracePeriod: 5s
+    loadBalancer:             # the cloud load balancer (cloud-controller + OpenFlow app)
+      healthCheckInterval: 500ms
+      healthCheckTimeout: 400ms
+      healthyThreshold: 2
+      unhealthyThreshold: 2
+      idleTimeout: 60s        # a connection's switch rules go after this long idle
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ class ClusterConfig:
     proxy_mode: str = "iptables"
     min_sync_period: float = 1.0
     node_monitor_grace_period: float = 5.0
+    lb_health_interval: float = 0.5
+    lb_health_timeout: float = 0.4
+    lb_healthy_threshold: int = 2
+    lb_unhealthy_threshold: int = 2
+    lb_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         try:
@@ -88,6 +99,20 @@ class ClusterConfig:
         if not (low in nets["external_subnet"] and high in nets["external_subnet"] and low <= high):
             raise ConfigError(f"networking.loadBalancerPool: {self.load_balancer_pool!r}: must be A-B inside "
                               f"the external subnet {nets['external_subnet']}")
+        ext = nets["external_subnet"]
+        for what, reserved in (("router", ext.network_address + 1), ("client", ext.network_address + 2)):
+            if low <= reserved <= high:
+                raise ConfigError(f"networking.loadBalancerPool: {self.load_balancer_pool!r} contains the {what}'s "
+                                  f"address {reserved}")
+        if not 0 < self.lb_health_timeout <= self.lb_health_interval:
+            raise ConfigError(f"loadBalancer.healthCheckTimeout: {self.lb_health_timeout}s: must be more than 0 and "
+                              f"at most healthCheckInterval ({self.lb_health_interval}s)")
+        for key, value in (("healthyThreshold", self.lb_healthy_threshold),
+                           ("unhealthyThreshold", self.lb_unhealthy_threshold)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
+        if self.lb_idle_timeout < 1:
+            raise ConfigError(f"loadBalancer.idleTimeout: {self.lb_idle_timeout}s: must be at least 1s")
         if self.proxy_mode not in PROXY_MODES:
             raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(PROXY_MODES)}")
         try:
@@ -125,7 +150,8 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ClusterConfig":
         values: dict[str, Any] = {}
-        known_top = {"name", "nodes", "networking", "kubeProxy", "nodeMonitorGracePeriod", "kind", "apiVersion"}
+        known_top = {"name", "nodes", "networking", "kubeProxy", "nodeMonitorGracePeriod", "loadBalancer", "kind",
+                     "apiVersion"}
         for key in data:
             if key not in known_top:
                 raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known_top))})")
@@ -148,7 +174,23 @@ class ClusterConfig:
                 raise ConfigError(f"kubeProxy.{key}: unknown setting (known: minSyncPeriod, mode)")
         if "nodeMonitorGracePeriod" in data:
             values["node_monitor_grace_period"] = _duration("nodeMonitorGracePeriod", data["nodeMonitorGracePeriod"])
+        lb = data.get("loadBalancer") or {}
+        for key, value in lb.items():
+            if key not in LB_KEYS:
+                raise ConfigError(f"loadBalancer.{key}: unknown setting (known: {', '.join(sorted(LB_KEYS))})")
+            field_name, is_duration = LB_KEYS[key]
+            values[field_name] = _duration(f"loadBalancer.{key}", value) if is_duration else value
         return cls(**values)
+
+
+#: loadBalancer.<key> -> (ClusterConfig field, is a duration)
+LB_KEYS = {
+    "healthCheckInterval": ("lb_health_interval", True),
+    "healthCheckTimeout": ("lb_health_timeout", True),
+    "healthyThreshold": ("lb_healthy_threshold", False),
+    "unhealthyThreshold": ("lb_unhealthy_threshold", False),
+    "idleTimeout": ("lb_idle_timeout", True),
+}
 
 
 def _duration(key: str, value: Any) -> float:

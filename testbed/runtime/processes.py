@@ -1,7 +1,8 @@
 """The cluster's own processes: started, recorded by pid, stopped by pid.
 
 Each process is recorded with its start time (from /proc) so that a pid the
-kernel has since given to another program is never signalled.
+kernel has since given to another program is never signalled, and with how it
+was started, so that it can be started again the same way (`restart`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Recorded:
     name: str
     pid: int
     starttime: int | None
+    argv: list[str] | None = None  # `svclab <argv>`, for processes start() made
+    netns: str | None = None
 
     def alive(self) -> bool:
         return self.starttime is not None and starttime(self.pid) == self.starttime
@@ -47,16 +50,19 @@ class ProcessTable:
             data = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}
-        return {name: Recorded(name, v["pid"], v["starttime"]) for name, v in data.items()}
+        return {name: Recorded(name, v["pid"], v["starttime"], v.get("argv"), v.get("netns"))
+                for name, v in data.items()}
 
     def _save(self, table: dict[str, Recorded]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({n: {"pid": r.pid, "starttime": r.starttime} for n, r in table.items()}, indent=1))
+        entries = {n: {"pid": r.pid, "starttime": r.starttime,
+                       **({"argv": r.argv, "netns": r.netns} if r.argv is not None else {})} for n, r in table.items()}
+        tmp.write_text(json.dumps(entries, indent=1))
         os.replace(tmp, self.path)
 
-    def record(self, name: str, pid: int) -> Recorded:
+    def record(self, name: str, pid: int, argv: list[str] | None = None, netns: str | None = None) -> Recorded:
         table = self.load()
-        table[name] = Recorded(name, pid, starttime(pid))
+        table[name] = Recorded(name, pid, starttime(pid), argv, netns)
         self._save(table)
         return table[name]
 
@@ -79,8 +85,16 @@ class ProcessTable:
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
-        self.record(name, proc.pid)
+        self.record(name, proc.pid, argv, netns)
         return proc
+
+    def restart(self, name: str, timeout: float = 10.0) -> subprocess.Popen:
+        """Stop `name` if it runs and start it again exactly as start() did (e.g. after a kill -9 in a test)."""
+        recorded = self.load().get(name)
+        if recorded is None or recorded.argv is None:
+            raise KeyError(f"no process {name!r} started by this table")
+        stop_pids([recorded], timeout)
+        return self.start(name, recorded.argv, recorded.netns)
 
     def stop(self, name: str, timeout: float = 10.0) -> None:
         recorded = self.load().get(name)

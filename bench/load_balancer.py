@@ -1,0 +1,232 @@
+"""Cloud load balancer benchmark: node-crash failover and rolling pod churn behind a LoadBalancer Service.
+
+Goals (load balancer issue):
+
+1. Failover at the defaults (health checks every 0.5 s, 0.4 s timeout, 2 failures):
+   a node crashes while a client opens 20 new connections/s (each bounded by 1 s) to
+   the external IP. Measured: crash -> the node is out of the table (detection), crash ->
+   first successful new connection after the last failed one (the failover window; 0
+   when none failed), failed requests in the run. Goal: window <= 2 s. Anchor: MetalLB
+   L2 mode "within a few seconds", with user reports of minutes.
+2. Rolling pod churn behind a Cluster-policy LoadBalancer Service: every pod replaced one
+   by one (a rolling update; new pods take traffic once ready) under the same 20
+   requests/s. Goal: 0 failed requests.
+
+    PYTHONPATH=. python -m bench.load_balancer [--runs 3] [--quick]
+
+The crash takes the node's port on the nodes bridge down (the machine drops off the
+network; its kubelet keeps reporting, so its pods stay in the endpoints): the crashed
+node runs no pod of the measured Service, so the window is the load balancer's alone,
+not kube-proxy's. The cluster (3 nodes, default settings) is named bl*, lives under a
+temporary --state-root and is torn down whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.cluster import svclab, teardown
+from bench.common import REPO, RESULTS, print_table
+from testbed.runtime import loadbalancer
+
+NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
+RATE = 20.0
+REQUEST_TIMEOUT = 1.0
+GOAL_WINDOW_S = 2.0
+
+
+def deployment(name: str, replicas: int, revision: str = "1") -> str:
+    return f"""apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}, revision: "{revision}"}}}}
+    spec: {{containers: [{{name: web, image: nginx, ports: [{{containerPort: 8080}}]}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  type: LoadBalancer
+  selector: {{app: {name}}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"""
+
+
+class Lab:
+    def __init__(self, root: Path, name: str) -> None:
+        self.root, self.name = root, name
+        self.state = root / name
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 60) -> str:
+        proc = subprocess.run([sys.executable, "-m", "testbed", "--state-root", str(self.root), "--name", self.name,
+                               *args], input=input, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"svclab {' '.join(args)}: {proc.stderr}")
+        return proc.stdout
+
+    def apply(self, manifest: str) -> None:
+        self.run("apply", "-f", "-", input=manifest)
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.run("get", *args, "-o", "json"))
+
+    def external_ip(self, service: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ingress = self.json("svc", service).get("status", {}).get("loadBalancer", {}).get("ingress", [])
+            if ingress:
+                return ingress[0]["ip"]
+            time.sleep(0.1)
+        raise RuntimeError(f"{service}: no external IP")
+
+    def backends(self, ip: str) -> set[str]:
+        lb = loadbalancer.published_table(self.state).by_ip().get(ip)
+        return set(lb.backends) if lb else set()
+
+    def wait_backends(self, ip: str, want: set[str], timeout: float = 30) -> float:
+        t0 = time.monotonic()
+        while self.backends(ip) != want:
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"{ip}: backends {self.backends(ip)}, want {want}")
+            time.sleep(0.02)
+        return time.monotonic() - t0
+
+    def cordon(self, node: str, flag: bool) -> None:
+        import asyncio
+
+        from testbed.client.client import ApiClient
+        from testbed.paths import StateDir
+
+        async def change() -> None:
+            async with ApiClient.for_state_dir(StateDir(self.state)) as client:
+                obj = await client.get("Node", node)
+                obj.spec.unschedulable = flag
+                await client.update(obj)
+        asyncio.run(change())
+
+    def pods_ready(self, app: str, count: int, revision: str | None = None, timeout: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pods = [p for p in self.json("pods", "-l", f"app={app}")["items"]
+                    if not p["metadata"].get("deletionTimestamp")]
+            ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
+                                            for c in p["status"].get("conditions", []))
+                     and (revision is None or p["metadata"]["labels"].get("revision") == revision)]
+            if len(ready) == count == len(pods):
+                return ready
+            time.sleep(0.2)
+        raise RuntimeError(f"{app}: pods not ready")
+
+    def load(self, url: str, duration: float) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", f"{self.name}-client", sys.executable, "-m", "testbed.loadgen",
+                                 url, "--rate", str(RATE), "--duration", str(duration),
+                                 "--timeout", str(REQUEST_TIMEOUT)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def failover_run(lab: Lab, ip: str) -> dict:
+    lab.wait_backends(ip, set(NODES.values()))
+    run = lab.load(f"http://{ip}/", duration=6)
+    time.sleep(2.0)
+    crash = time.time()
+    loadbalancer.node_port_state(lab.name, "node3", "down")
+    try:
+        detected = lab.wait_backends(ip, {NODES["node1"], NODES["node2"]}, timeout=10)
+        result = json.loads(run.communicate(timeout=60)[0])
+    finally:
+        loadbalancer.node_port_state(lab.name, "node3", "up")
+    requests = [dict(r, at=result["start"] + r["t"] - crash) for r in result["requests"]]
+    failed = [r for r in requests if not r["ok"]]
+    window = 0.0
+    if failed:
+        last = max(r["at"] for r in failed)
+        window = min((r["at"] for r in requests if r["ok"] and r["at"] > last), default=float("inf"))
+    readded = lab.wait_backends(ip, set(NODES.values()), timeout=30)
+    return {"detected_s": detected, "window_s": max(0.0, window), "failed": len(failed), "requests": len(requests),
+            "failed_before_crash": sum(1 for r in failed if r["at"] < 0), "readded_s": readded}
+
+
+def bench_failover(lab: Lab, runs: int) -> dict:
+    lab.cordon("node3", True)
+    try:
+        lab.apply(deployment("ha", 2))
+        lab.pods_ready("ha", 2)
+    finally:
+        lab.cordon("node3", False)
+    ip = lab.external_ip("ha")
+    results = [failover_run(lab, ip) for _ in range(runs)]
+    rows = [[i + 1, f"{r['detected_s']:.2f}", f"{r['window_s']:.2f}", f"{r['failed']} / {r['requests']}",
+             f"{r['readded_s']:.2f}"] for i, r in enumerate(results)]
+    print_table(f"\n### Node crash under {RATE:.0f} new connections/s (request timeout {REQUEST_TIMEOUT:.0f} s; "
+                f"goal: window <= {GOAL_WINDOW_S:.0f} s)",
+                ["run", "crash -> out of table s", "failover window s", "failed / requests", "revived -> back s"],
+                rows)
+    return {"runs": results}
+
+
+def churn_run(lab: Lab, url: str, revision: str) -> dict:
+    run = lab.load(url, duration=12)
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    lab.apply(deployment("churn", 3, revision))  # a new template: a rolling update, pods replaced one by one
+    lab.pods_ready("churn", 3, revision, timeout=60)
+    rollout = time.monotonic() - t0
+    result = json.loads(run.communicate(timeout=120)[0])
+    failed = [r for r in result["requests"] if not r["ok"]]
+    return {"url": url, "rollout_s": rollout, "requests": len(result["requests"]), "failed": len(failed),
+            "failures": [(r["t"], r["detail"]) for r in failed],
+            "pods": len({r["detail"] for r in result["requests"] if r["ok"]})}
+
+
+def bench_churn(lab: Lab) -> dict:
+    """The same rolling update through the load balancer and, for comparison, straight to node1's NodePort."""
+    lab.apply(deployment("churn", 3, "1"))
+    lab.pods_ready("churn", 3, "1")
+    ip = lab.external_ip("churn")
+    lab.wait_backends(ip, set(NODES.values()))
+    node_port = lab.json("svc", "churn")["spec"]["ports"][0]["nodePort"]
+    runs = [churn_run(lab, f"http://{ip}/", "2"), churn_run(lab, f"http://{NODES['node1']}:{node_port}/", "3")]
+    print_table(f"\n### Rolling update of 3 pods behind a Cluster-policy LoadBalancer Service, {RATE:.0f} requests/s "
+                "(goal: 0 failed)", ["path", "rollout s", "requests", "failed", "pods that answered"],
+                [[label, f"{r['rollout_s']:.1f}", r["requests"], r["failed"], r["pods"]]
+                 for label, r in zip(("load balancer -> NodePort", "NodePort directly (no load balancer)"), runs)])
+    for r in runs:
+        if r["failures"]:
+            print(f"failed via {r['url']} (s after start, error):", r["failures"])
+    return {"via_load_balancer": runs[0], "via_node_port": runs[1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="node crashes")
+    parser.add_argument("--quick", action="store_true", help="one crash")
+    args = parser.parse_args()
+    name = "bl" + "".join(random.choices(string.ascii_lowercase, k=4))
+    with tempfile.TemporaryDirectory(prefix="svclab-bench-lb-") as tmp:
+        root = Path(tmp)
+        lab = Lab(root, name)
+        try:
+            proc = svclab(root, name, "up", "--detach", "--nodes", "3", timeout=240)
+            if proc.returncode != 0:
+                raise RuntimeError(f"svclab up failed:\n{proc.stderr[-3000:]}")
+            results = {"failover": bench_failover(lab, 1 if args.quick else args.runs), "churn": bench_churn(lab)}
+        finally:
+            teardown(root, name)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "load_balancer.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    print(f"\nwritten: {RESULTS / 'load_balancer.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The cloud load balancer of a cluster: two processes and the edge bridge's controller.
+
+* `svclab cloud-controller` in the router's namespace (asyncio, API client): external
+  IPs, status, health checks; publishes the table on <state-dir>/lb.sock.
+* `svclab lb-controller` in the root namespace, where ovs-vswitchd is: the os-ken app,
+  listening on 127.0.0.1:<free port>. Two processes because os-ken brings its own hub
+  (threads or eventlet) and the API client is grpc.aio.
+
+The edge bridge gets the controller with fail_mode=secure: when the controller is gone
+the switch keeps its rules (established connections live on, ARP is still answered)
+instead of falling back to a plain learning switch.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from controller.table import Table
+from testbed.runtime.config import ClusterConfig
+from testbed.runtime.processes import ProcessTable
+from testbed.runtime.routes import run_checked
+from testbed.runtime.topology import EDGE_OFPORT_GW, ClusterNetwork
+
+CLOUD_CONTROLLER = "cloud-controller"
+LB_CONTROLLER = "lb-controller"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(config: ClusterConfig, state_dir: Path, processes: ProcessTable, network: ClusterNetwork) -> int:
+    """Start both processes; returns the OpenFlow port for attach(). os-ken takes a second or two to import."""
+    common = ["--state-dir", str(state_dir), "--name", config.name]
+    processes.start(CLOUD_CONTROLLER, [
+        *common, "cloud-controller", "--pool", config.load_balancer_pool,
+        "--health-interval", str(config.lb_health_interval), "--health-timeout", str(config.lb_health_timeout),
+        "--healthy-threshold", str(config.lb_healthy_threshold),
+        "--unhealthy-threshold", str(config.lb_unhealthy_threshold),
+    ], netns=network.netns("gw"))
+    gw_mac = run_checked(["ip", "netns", "exec", network.netns("gw"), "cat", "/sys/class/net/eth1/address"]).strip()
+    port = free_port()
+    processes.start(LB_CONTROLLER, [
+        *common, "lb-controller", "--openflow-port", str(port), "--gw-port", str(EDGE_OFPORT_GW),
+        "--gw-mac", gw_mac, "--idle-timeout", str(config.lb_idle_timeout),
+    ])
+    return port
+
+
+def attach(bridge: str, port: int, timeout: float, alive: Callable[[], None]) -> None:
+    """Once the app listens, make it the bridge's controller (OpenFlow 1.3, fail_mode=secure); wait until connected.
+
+    Attaching only once it listens spares OVS's reconnect backoff (1, 2, 4 ... s).
+    """
+    deadline = time.monotonic() + timeout
+    while not listening(port):
+        alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the load balancer app did not listen on 127.0.0.1:{port} in {timeout:.0f} s")
+        time.sleep(0.05)
+    run_checked(["ovs-vsctl", "set-controller", bridge, f"tcp:127.0.0.1:{port}",
+                 "--", "set", "controller", bridge, "max_backoff=1000",
+                 "--", "set", "bridge", bridge, "protocols=OpenFlow13", "fail_mode=secure"])
+    while not connected(bridge):
+        alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{bridge} did not connect to the load balancer app in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def listening(port: int) -> bool:
+    """A TCP listener on 127.0.0.1:port in this namespace (read from /proc: no probe connection)."""
+    want = f"0100007F:{port:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(f[1] == want and f[3] == "0A" for f in (line.split() for line in lines))
+
+
+def connected(bridge: str) -> bool:
+    state = subprocess.run(["ovs-vsctl", "get", "controller", bridge, "is_connected"], capture_output=True, text=True)
+    return state.returncode == 0 and state.stdout.strip() == "true"
+
+
+def published_table(state_dir: Path, timeout: float = 5) -> Table:
+    """What the cloud-controller publishes right now (reads the first line of its feed)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(state_dir / "lb.sock"))
+        return Table.loads(sock.makefile("rb").readline())
+
+
+def node_port_state(cluster: str, node: str, state: str) -> None:
+    """Crash ("down") or revive ("up") a node as the network sees it: its port on the nodes bridge.
+
+    The node drops off the network (nothing in or out) while its namespace, addresses,
+    routes and rules stay as they were, so a revived node is the same machine again.
+    (Taking eth0 down inside the node instead makes the kernel drop the node's routes.)
+    """
+    run_checked(["ovs-ofctl", "mod-port", f"{cluster}-nodes", f"{cluster}-n{node.removeprefix('node')}", state])
