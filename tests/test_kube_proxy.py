@@ -322,6 +322,39 @@ def test_rules_flushed_behind_kube_proxys_back_are_repaired(lab):
     assert time.monotonic() - flushed < 5
 
 
+def test_pre_stop_sleep_keeps_a_deleted_pod_serving_while_the_rules_let_go(lab):
+    """lifecycle.preStop.sleep: the deleted pod is terminating (Services send new connections
+    to the ready pod only) but still answers for that long, then goes."""
+    pods = [f"""apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: drain}}}}
+spec:
+  containers: [{{name: web, image: web, ports: [{{containerPort: 8080}}], lifecycle: {{preStop: {{sleep: {{seconds: 6}}}}}}}}]
+""" for name in ("drain", "stay")]
+    apply(lab, "---\n".join(pods))
+    apply(lab, service("drain", "  selector: {app: drain}\n  ports: [{port: 80, targetPort: 8080}]\n"))
+    ip = lab.json("svc", "drain")["spec"]["clusterIP"]
+    deadline = time.monotonic() + 20
+    while set(counts(lab, "node1", f"http://{ip}/", 20)) != {"drain", "stay"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    pod_ip = lab.json("pod", "drain")["status"]["podIP"]
+    deleted = time.monotonic()  # just before: the API's delete comes after this
+    lab.svclab("delete", "pod", "drain", check=True)
+    time.sleep(1.5)  # the endpoint is terminating: every node's rules took it out
+    assert counts(lab, "node1", f"http://{ip}/", 20) == {"stay": 20}
+    answer = curl(lab, "node1", f"http://{pod_ip}:8080/", timeout=2)
+    assert time.monotonic() - deleted < 5
+    assert answer.returncode == 0 and json.loads(answer.stdout)["pod"] == "drain"  # still serving, as preStop asks
+    deadline = deleted + 20
+    while lab.svclab("get", "pod", "drain").returncode == 0:  # then gone, after its 6 s
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert time.monotonic() - deleted >= 6
+    lab.svclab("delete", "pod", "stay", check=True)
+    delete(lab, "svc", "drain")
+
+
 def test_metrics_and_healthz(lab):
     r = lab.exec("node1", "curl", "-s", "--max-time", "3", f"http://{NODES[0]}:10249/metrics")
     assert "kubeproxy_sync_proxy_rules_duration_seconds_count" in r.stdout
@@ -415,11 +448,7 @@ spec:
         old = table.load()["kube-proxy-node1"]
         os.kill(old.pid, signal.SIGKILL)
         time.sleep(0.5)
-        # restart it as `svclab up` started it; the table records it so `down` stops it
-        table.start("kube-proxy-node1", [
-            "--state-dir", str(lab.state), "--name", lab.name, "kube-proxy", "--node-name", "node1",
-            "--proxy-mode", lab.mode, "--cluster-cidr", "10.244.0.0/16", "--min-sync-period", "100ms",
-            "--metrics-address", f"{NODES[0]}:10249"], netns=f"{lab.name}-node1")
+        table.restart("kube-proxy-node1")  # as `svclab up` started it; `down` stops it
         deadline = time.monotonic() + 20
         while True:
             r = lab.exec("node1", "curl", "-s", "--max-time", "2", f"http://{NODES[0]}:10249/healthz")
@@ -476,8 +505,7 @@ def test_api_server_unreachable_nodes_keep_their_rules_and_resync(lab):
                          f"http://{NODES[i]}:10249/healthz")
             assert r.stdout == "200"  # nothing is pending: healthy
     finally:  # back, as `svclab up` started it: same state directory, same store
-        table.start("apiserver", ["apiserver", "--state-dir", str(lab.state), "--service-cidr", "10.96.0.0/12",
-                                  "--node-port-range", "30000-32767"])
+        table.restart("apiserver")
     deadline = time.monotonic() + 20
     while lab.svclab("get", "svc").returncode != 0:
         assert time.monotonic() < deadline

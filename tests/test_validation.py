@@ -98,6 +98,11 @@ def test_invalid_pods_and_slices(apiserver):
             pod = obj({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {}})
             with pytest.raises(ApiError, match="spec.containers: Required value"):
                 await c.create(pod)
+            pod = obj({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [
+                {"name": "web", "image": "web", "lifecycle": {"preStop": {"sleep": {"seconds": -1}}}}]}})
+            with pytest.raises(ApiError, match=r"spec.containers\[0\].lifecycle.preStop.sleep.seconds: Invalid value: "
+                                               r"-1: must be greater than or equal to 0"):
+                await c.create(pod)
             eps = obj({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "e"},
                        "addressType": "IPv6", "endpoints": [{"addresses": ["x"]}]})
             with pytest.raises(ApiError) as err:

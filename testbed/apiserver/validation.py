@@ -237,6 +237,10 @@ def validate_pod_spec(spec: pb.PodSpec, path: str) -> list[FieldError]:
             errs += int_or_name_port(f"{cpath}.readinessProbe.tcpSocket.port", probe.tcp_socket.port)
         if probe.HasField("http_get"):
             errs += int_or_name_port(f"{cpath}.readinessProbe.httpGet.port", probe.http_get.port)
+        sleep = c.lifecycle.pre_stop.sleep
+        if c.lifecycle.pre_stop.HasField("sleep") and sleep.seconds < 0:
+            errs.append(invalid(f"{cpath}.lifecycle.preStop.sleep.seconds", sleep.seconds,
+                                "must be greater than or equal to 0"))
     if spec.HasField("termination_grace_period_seconds") and spec.termination_grace_period_seconds < 0:
         errs.append(invalid(f"{path}.terminationGracePeriodSeconds", spec.termination_grace_period_seconds,
                             "must be greater than or equal to 0"))

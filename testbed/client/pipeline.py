@@ -28,6 +28,7 @@ class WritePipeline:
         self._queued: deque[tuple[pb.WriteOp, asyncio.Future]] = deque()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task | None = None
+        self._closing = False
 
     async def submit(self, op: pb.WriteOp, timeout: float | None = 30) -> pb.Object:
         future = asyncio.get_running_loop().create_future()
@@ -59,7 +60,7 @@ class WritePipeline:
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
                 pass
             finally:
-                error = await self._finish(call, reader)
+                error = await self._finish(call, reader, wait=not self._closing)
                 for futures in in_flight:
                     for future in futures:
                         if not future.done():
@@ -75,11 +76,13 @@ class WritePipeline:
                     future.set_result(result)
 
     @staticmethod
-    async def _finish(call, reader: asyncio.Task) -> ApiError:
-        """The stream's end: the server's status (e.g. UNAUTHENTICATED) if it sent one."""
+    async def _finish(call, reader: asyncio.Task, wait: bool) -> ApiError:
+        """The stream's end: the server's status (e.g. UNAUTHENTICATED) if it sent one. Closing
+        the client does not wait for it (1 s at the exit of every writing CLI command)."""
         try:
             # The reader ends with the server's status; cancelling first would hide it.
-            await asyncio.wait_for(asyncio.shield(reader), 1.0)
+            if wait:
+                await asyncio.wait_for(asyncio.shield(reader), 1.0)
         except grpc.aio.AioRpcError as exc:
             return from_status(exc.code(), exc.details() or str(exc.code()))
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -90,6 +93,7 @@ class WritePipeline:
         return from_status(grpc.StatusCode.UNAVAILABLE, "write stream closed before the server answered")
 
     async def close(self) -> None:
+        self._closing = True
         if self._sender is not None:
             self._sender.cancel()
             try:

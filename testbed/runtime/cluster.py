@@ -80,8 +80,9 @@ class Cluster:
             self._step("cloud load balancer", self._start_load_balancer)  # os-ken imports while the rest starts
             self._step("kubelets", self._start_kubelets)
             self._step(f"kube-proxies ({self.config.proxy_mode})", self._start_kube_proxies)
-            self._step("edge bridge attached to the load balancer", self._attach_load_balancer)
             summary = asyncio.run(self._converge(manifests, deadline=time.monotonic() + timeout))
+            # last: os-ken's imports (1-2 s) overlap the nodes and pods getting Ready
+            self._step("edge bridge attached to the load balancer", self._attach_load_balancer)
         except BaseException:
             kept = self._keep_logs()
             self.stop()

@@ -47,6 +47,14 @@ BUILTIN_PROBE_PERIOD = 10
 LINK_UP_TIMEOUT = 1.0  # seconds to wait for a new pod's veth to come up before the first probe
 
 
+def pre_stop_seconds(pod: pb.Pod) -> float:
+    """The longest preStop sleep of the pod's containers, within its termination grace period
+    (Kubernetes' default 30 s), as the kubelet caps hooks."""
+    sleeps = [c.lifecycle.pre_stop.sleep.seconds for c in pod.spec.containers if c.lifecycle.pre_stop.HasField("sleep")]
+    grace = pod.spec.termination_grace_period_seconds if pod.spec.HasField("termination_grace_period_seconds") else 30
+    return float(min(max(sleeps, default=0), grace))
+
+
 @dataclass
 class RunningPod:
     uid: str
@@ -56,6 +64,7 @@ class RunningPod:
     process: subprocess.Popen | None = None
     probe_task: asyncio.Task | None = None
     ready: bool | None = None
+    terminating: asyncio.Task | None = None  # deleted: preStop, then stop (_terminate)
 
 
 @dataclass
@@ -157,12 +166,10 @@ class Kubelet:
         if pod is None:
             return
         if pod.metadata.deletion_timestamp:
-            if running is not None:
-                await self._stop(key)
-            try:
-                await self.client.delete("Pod", pod.metadata.name, pod.metadata.namespace, grace_period=0)
-            except NotFound:
-                pass
+            if running is None:
+                await self._finish_deletion(pod)
+            elif running.terminating is None:  # its own task: the worker goes on with other pods meanwhile
+                running.terminating = asyncio.create_task(self._terminate(key, pod))
             return
         if running is None and pod.status.phase in ("Pending", "Running", ""):
             await self._start(pod)
@@ -251,6 +258,22 @@ class Kubelet:
         (directory / "resolv.conf").write_text(
             f"search {ns}.svc.{domain} svc.{domain} {domain}\nnameserver {self.config.dns_ip}\noptions ndots:5\n"
         )
+
+    async def _terminate(self, key: tuple[str, str], pod: pb.Pod) -> None:
+        """A deleted pod: its preStop sleep (it keeps serving, no longer ready, while the
+        endpoint leaves every node's rules), then stopped and its object removed."""
+        seconds = pre_stop_seconds(pod)
+        if seconds:
+            log.info("pod %s/%s: preStop sleep %s s", pod.metadata.namespace, pod.metadata.name, seconds)
+            await asyncio.sleep(seconds)
+        await self._stop(key)
+        await self._finish_deletion(pod)
+
+    async def _finish_deletion(self, pod: pb.Pod) -> None:
+        try:
+            await self.client.delete("Pod", pod.metadata.name, pod.metadata.namespace, grace_period=0)
+        except NotFound:
+            pass
 
     async def _stop(self, key: tuple[str, str]) -> None:
         running = self.running.pop(key, None)
