@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -93,3 +95,41 @@ def link(ns_a: str, if_a: str, ip_a: str, ns_b: str, if_b: str, ip_b: str) -> No
     for ns, ifname, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
         run(["ip", "-n", ns, "addr", "add", ip, "dev", ifname])
         run(["ip", "-n", ns, "link", "set", ifname, "up"])
+
+
+# A TCP server on port 8080 that answers "<name> <client address it saw>" and exits once idle.
+SERVER = r"""
+import socket, sys
+name = sys.argv[1]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(128)
+s.settimeout(60)  # exits by itself once idle
+print("listening", flush=True)
+while True:
+    try:
+        c, peer = s.accept()
+    except socket.timeout:
+        break
+    c.sendall(f"{name} {peer[0]}".encode())
+    c.close()
+"""
+
+
+def serve(spaces: Namespaces, ns: str, name: str) -> None:
+    """SERVER in namespace ns, listening before this returns."""
+    server = spaces.popen(ns, sys.executable, "-c", SERVER, name)
+    assert server.stdout.readline().strip() == "listening", server.stderr.read()
+
+
+def ask(ns: str, ip: str, port: int, timeout: float = 3.0, source: str | None = None) -> str:
+    """Connect from namespace ns; the server's answer "<pod> <client address it saw>"."""
+    with inside(ns):
+        sock = socket.socket()
+    with sock:
+        sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
+        sock.connect((ip, port))
+        return sock.recv(100).decode()

@@ -113,6 +113,21 @@ def test_cluster_not_running_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "invalid cluster name" in r.stderr
 
 
+def test_kube_proxy_refuses_bad_nodeport_addresses_naming_the_option(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "token").write_text("t\n")
+    base = [sys.executable, "-m", "testbed", "--state-dir", str(tmp_path), "kube-proxy", "--node-name", "n1"]
+    r = subprocess.run([*base, "--nodeport-addresses", "10.0.0.0/8,nope"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "--nodeport-addresses" in r.stderr and "'nope' is not an IPv4 CIDR" in r.stderr
+    # a CIDR holding none of the namespace's addresses would leave the node without NodePorts
+    # (a fresh namespace: loopback only, whatever this machine's addresses are)
+    r = subprocess.run(["unshare", "--net", "--", *base, "--nodeport-addresses", "10.0.0.0/8"], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 2 and "no address of this namespace (none) is inside 10.0.0.0/8" in r.stderr
+
+
 def test_namespaces_and_all_namespaces(apiserver):
     apiserver.cli("apply", "-n", "team-a", "-f", f"{SEED}/service-clusterip.yaml")
     assert "frontend-service" in apiserver.cli("get", "svc", "-n", "team-a").stdout

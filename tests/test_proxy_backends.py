@@ -22,11 +22,13 @@ import dataclasses
 
 import pytest
 
+from testbed.proxy import backends, nodeaddrs
+
 from testbed.proxy import kernel
 from testbed.proxy.iptables_backend import IptablesBackend
 from testbed.proxy.model import ProxyState
 from testbed.proxy.nftables_backend import NftablesBackend
-from tests.netns import inside, link, netns_fixture, run
+from tests.netns import ask, inside, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
 
 pytestmark = pytest.mark.skipif(
@@ -124,3 +126,37 @@ def test_sctp_service_dnats_real_sctp_packets(netns, backend_class):
             client.sendto(sctp_init(40001, PORT), (CLUSTER_IP, 0))
         source, destination, port = received(server)
         assert (destination, port) == (POD_IP, PORT)
+
+
+@BACKENDS
+def test_nodeport_addresses_accept_nodeports_on_those_addresses_only(netns, backend_class):
+    """--nodeport-addresses 172.18.0.0/16: the node's address there takes NodePorts; its other
+    address (203.0.113.1, toward the outside client) does not."""
+    node, pod, ext = netns.add("node"), netns.add("pod"), netns.add("ext")
+    run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    link(node, "veth1", "10.244.1.1/24", pod, "eth0", f"{POD_IP}/24")
+    link(node, "eth0", "203.0.113.1/24", ext, "eth0", "203.0.113.2/24")
+    run(["ip", "-n", node, "addr", "add", f"{NODE_IP}/16", "dev", "eth0"])
+    for ns, gateway in ((pod, "10.244.1.1"), (ext, "203.0.113.1")):
+        run(["ip", "-n", ns, "route", "add", "default", "via", gateway])
+    serve(netns, pod, "pod")
+    with inside(node):
+        node_ips = nodeaddrs.local_ipv4_addresses()
+    assert node_ips == ("10.244.1.1", "172.18.0.2", "203.0.113.1")  # found in the namespace, loopback left out
+    only = nodeaddrs.within(node_ips, nodeaddrs.parse_cidrs("172.18.0.0/16"))
+    assert only == ("172.18.0.2",)
+    web = svc("default", "web", "10.96.0.31", type="NodePort",
+              ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30090}])
+    backend = backends.create(backend_class.name, CLUSTER_CIDR, NODE, node_ips, nodeport_addresses=only)
+    with inside(node):
+        backend.sync(ProxyState.from_objects([web], [eps("default", "web", [(POD_IP, NODE)])], NODE), None)
+    assert ask(ext, NODE_IP, 30090) == "pod 10.244.1.1"  # DNAT, masqueraded (Cluster policy)
+    with pytest.raises(ConnectionRefusedError):  # nothing DNATs it, and nothing listens on the node
+        ask(ext, "203.0.113.1", 30090)
+
+
+def test_parse_cidrs_names_the_bad_one():
+    assert nodeaddrs.parse_cidrs("10.0.0.0/8, 172.18.0.5/16") == ("10.0.0.0/8", "172.18.0.0/16")
+    assert nodeaddrs.parse_cidrs("") == ()
+    with pytest.raises(ValueError, match="--nodeport-addresses: '10.0.0.300/8' is not an IPv4 CIDR"):
+        nodeaddrs.parse_cidrs("10.0.0.0/8,10.0.0.300/8")

@@ -20,8 +20,6 @@ import dataclasses
 import os
 import re
 import shutil
-import socket
-import sys
 import time
 
 import pytest
@@ -31,7 +29,7 @@ from testbed.proxy.model import (
     ChangeTracker, Endpoint, ProxyState, ServicePort, ServicePortName, build_endpoints, build_service_ports,
     categorize_endpoints,
 )
-from tests.netns import in_ns, link, netns_fixture, run
+from tests.netns import ask, in_ns, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc, tracked
 
 CONFIG = ipt.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
@@ -367,6 +365,15 @@ def test_comments_dropped_in_large_clusters_as_upstream(golden):
     assert '-m comment --comment "ns1/svc1:p80 cluster IP"' in "\n".join(rules(doc, "nat", "KUBE-SERVICES"))
 
 
+def test_nodeport_addresses_limit_the_nodeports_jump_to_those_ips(golden):
+    state, _ = golden
+    doc = ipt.render(state, config=dataclasses.replace(CONFIG, nodeport_addresses=("172.18.0.2", "10.0.0.5"))).document
+    jumps = [r for r in rules(doc, "nat", "KUBE-SERVICES") if r.endswith("-j KUBE-NODEPORTS")]
+    assert jumps == [f'-m comment --comment "kubernetes service nodeports; NOTE: this must be the '
+                     f'last rule in this chain" -d {ip} -j KUBE-NODEPORTS' for ip in ("172.18.0.2", "10.0.0.5")]
+    assert "--dst-type LOCAL -j KUBE-NODEPORTS" in golden[1].document  # the default: every local address
+
+
 def test_without_cluster_cidr_no_local_detector_rules(golden):
     state, _ = golden
     doc = ipt.render(state).document
@@ -623,37 +630,6 @@ def test_kernel_partial_sync(netns):
 
 # ------------------------------------------------------------------ real packets
 
-SERVER = r"""
-import socket, sys
-name = sys.argv[1]
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8080))
-s.listen(64)
-s.settimeout(60)  # exits by itself once idle
-print("listening", flush=True)
-while True:
-    try:
-        c, peer = s.accept()
-    except socket.timeout:
-        break
-    c.sendall(f"{name} {peer[0]}".encode())
-    c.close()
-"""
-
-
-def ask(ns: str, ip: str, port: int, timeout: float = 3.0) -> str:
-    """Connect from namespace ns; the server's answer "<pod> <client address it saw>"."""
-    from testbed.runtime.podnet import entered_netns
-
-    with entered_netns(ns):
-        sock = socket.socket()
-    with sock:
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
-        return sock.recv(100).decode()
-
-
 @needs_kernel
 def test_packets_through_the_rules(netns):
     """node-a's namespace holds the rules; pod1 (on node-a) and pod2 ("on node-b") serve; a client
@@ -672,8 +648,7 @@ def test_packets_through_the_rules(netns):
     run(["ip", "-n", node, "addr", "add", f"{NODE_IP}/16", "dev", "eth0"])
     run(["ip", "-n", node, "route", "add", "10.96.0.0/12", "dev", "eth0", "src", NODE_IP])
     for role in ("pod1", "pod2"):
-        server = netns.popen(pods[role], sys.executable, "-c", SERVER, role)
-        assert server.stdout.readline().strip() == "listening", server.stderr.read()
+        serve(netns, pods[role], role)
 
     services = [
         svc("default", "web", "10.96.0.20"),

@@ -24,7 +24,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from fractions import Fraction
@@ -36,7 +35,7 @@ from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortNa
 from testbed.proxy.nfnetlink import chain_rule_count, table_handle
 from testbed.proxy.nftables_backend import NftablesBackend
 from tests.builders import obj
-from tests.netns import inside, link, netns_fixture, run
+from tests.netns import ask, inside, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc, tracked
 
 CONFIG = nft.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
@@ -683,37 +682,6 @@ def test_kernel_failed_sync_forces_a_replace(netns):
 
 # ------------------------------------------------------------------ real packets
 
-SERVER = r"""
-import socket, sys
-name = sys.argv[1]
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8080))
-s.listen(128)
-s.settimeout(60)  # exits by itself once idle
-print("listening", flush=True)
-while True:
-    try:
-        c, peer = s.accept()
-    except socket.timeout:
-        break
-    c.sendall(f"{name} {peer[0]}".encode())
-    c.close()
-"""
-
-
-def ask(ns: str, ip: str, port: int, timeout: float = 3.0, source: str | None = None) -> str:
-    """Connect from namespace ns; the server's answer "<pod> <client address it saw>"."""
-    with inside(ns):
-        sock = socket.socket()
-    with sock:
-        sock.settimeout(timeout)
-        if source:
-            sock.bind((source, 0))
-        sock.connect((ip, port))
-        return sock.recv(100).decode()
-
-
 @needs_kernel
 def test_packets_through_the_rules(netns):
     """node-a's namespace holds the rules; pod1 and pod3 (on node-a) and pod2 ("on node-b") serve;
@@ -736,8 +704,7 @@ def test_packets_through_the_rules(netns):
     for routed in ("203.0.113.10/32", "203.0.113.9/32"):  # the LB IP and the external IP lead to node-a
         run(["ip", "-n", pods["ext"], "route", "add", routed, "via", "203.0.113.1"])
     for role in ("pod1", "pod2", "pod3"):
-        server = netns.popen(pods[role], sys.executable, "-c", SERVER, role)
-        assert server.stdout.readline().strip() == "listening", server.stderr.read()
+        serve(netns, pods[role], role)
 
     one, two, three = ("10.244.1.2", NODE), ("10.244.2.2", "node-b"), ("10.244.4.2", NODE)
     services = [

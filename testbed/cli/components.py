@@ -69,19 +69,33 @@ def controller_manager(target: Target, api: str | None, token_file: Path | None,
               show_default=True)
 @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
               help="Pod addresses: traffic to Services from outside it is masqueraded.")
+@click.option("--nodeport-addresses", default="", metavar="CIDRS",
+              help="Comma-separated CIDRs: NodePorts only on the node's addresses inside them (default: all).")
 @click.option("--min-sync-period", type=Duration(), default="1s", show_default=True,
               help="Least time between two syncs (0 for tests).")
 @click.option("--metrics-address", default="0.0.0.0:10249", show_default=True,
               help="Where /metrics and /healthz are served.")
 @pass_target
 def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
-               cluster_cidr: str, min_sync_period: float, metrics_address: str) -> None:
-    """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules."""
-    from testbed.proxy import backends
+               cluster_cidr: str, nodeport_addresses: str, min_sync_period: float, metrics_address: str) -> None:
+    """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules.
+
+    Its node IPs are the addresses it finds in that namespace."""
+    from testbed.proxy import backends, nodeaddrs
     from testbed.proxy.server import run
 
     try:
-        backend = backends.create(proxy_mode, cluster_cidr=cluster_cidr, node_name=node_name)
+        cidrs = nodeaddrs.parse_cidrs(nodeport_addresses)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1], param_hint="--nodeport-addresses") from None
+    node_ips = nodeaddrs.local_ipv4_addresses()
+    nodeport_ips = nodeaddrs.within(node_ips, cidrs) if cidrs else ()
+    if cidrs and not nodeport_ips:
+        raise click.BadParameter(f"no address of this namespace ({', '.join(node_ips) or 'none'}) is inside "
+                                 f"{nodeport_addresses}", param_hint="--nodeport-addresses")
+    try:
+        backend = backends.create(proxy_mode, cluster_cidr=cluster_cidr, node_name=node_name, node_ips=node_ips,
+                                  nodeport_addresses=nodeport_ips)
     except backends.Unsupported as exc:
         raise click.ClickException(str(exc)) from None
     address, token = api_endpoint(target, api, token_file)

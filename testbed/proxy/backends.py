@@ -21,10 +21,16 @@ def check_mode(mode: str) -> None:
         raise Unsupported(f"--proxy-mode {mode} is not implemented yet; use --proxy-mode iptables")
 
 
-def create(mode: str, cluster_cidr: str, node_name: str):
+def create(mode: str, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = (),
+           nodeport_addresses: tuple[str, ...] = ()):
+    """The backend for `mode`; node_ips: the node's addresses, nodeport_addresses: those of
+    them that accept NodePorts (empty: all)."""
     check_mode(mode)
     if mode == "nftables":
+        from testbed.proxy import nftables
         from testbed.proxy.nftables_backend import NftablesBackend
-        return NftablesBackend(cluster_cidr=cluster_cidr, node_name=node_name)
+        config = nftables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips,
+                                 nodeport_addresses=nodeport_addresses)
+        return NftablesBackend(cluster_cidr, node_name, node_ips, config)
     from testbed.proxy.iptables_backend import IptablesBackend
-    return IptablesBackend(cluster_cidr=cluster_cidr, node_name=node_name)
+    return IptablesBackend(cluster_cidr, node_name, node_ips, nodeport_addresses)

@@ -96,9 +96,11 @@ class Config:
       detector). With it, traffic to a ClusterIP from outside the pod network is masqueraded
       (`! -s CIDR` in KUBE-SVC) and pods reaching a Local-policy external address are
       short-circuited to all endpoints. Without it, neither rule is written (as upstream).
-    node_ips: the node's addresses. NodePorts match `-m addrtype --dst-type LOCAL` (upstream's
-      default, any local address); the IPs serve the loadBalancerSourceRanges check of whether
-      the node itself may reach the LoadBalancer IP.
+    node_ips: the node's addresses: the loadBalancerSourceRanges check of whether the node
+      itself may reach the LoadBalancer IP.
+    nodeport_addresses: the node addresses that accept NodePorts (--nodeport-addresses, resolved
+      to this node's IPs); empty: every local address (`-m addrtype --dst-type LOCAL`, upstream's
+      default).
     masquerade_all: masquerade all traffic to ClusterIPs (--masquerade-all).
     random_fully: add --random-fully to MASQUERADE (upstream does when iptables supports it).
     large_cluster_endpoints: above this many endpoints in all, per-endpoint comments are left
@@ -109,6 +111,7 @@ class Config:
 
     cluster_cidr: str | None = None
     node_ips: tuple[str, ...] = ()
+    nodeport_addresses: tuple[str, ...] = ()
     masquerade_all: bool = False
     random_fully: bool = False
     large_cluster_endpoints: int = LARGE_CLUSTER_ENDPOINTS
@@ -578,8 +581,9 @@ def render(state: ProxyState, changed: Collection[ServicePortName] | None = None
         if full and not sectioned:
             lines.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
         lines += [rule for _, rule in service_jumps]
-        lines.append('-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the '
-                     'last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS')
+        destinations = [f"-d {ip}" for ip in config.nodeport_addresses] or ["-m addrtype --dst-type LOCAL"]
+        lines += [f'-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the '
+                  f'last rule in this chain" {destination} -j KUBE-NODEPORTS' for destination in destinations]
         lines += [rule for _, rule in nodeport_jumps]
     if not sectioned:
         lines += out.nat_rules

@@ -32,8 +32,10 @@ def _uses_nf_tables() -> bool:
 class IptablesBackend:
     name = "iptables"
 
-    def __init__(self, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = ()) -> None:
-        self.config = iptables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips)
+    def __init__(self, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = (),
+                 nodeport_addresses: tuple[str, ...] = ()) -> None:
+        self.config = iptables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips,
+                                      nodeport_addresses=nodeport_addresses)
         self.node_name = node_name
         self._programmed: iptables.Programmed | None = None
         self._canary_ok = False
