@@ -33,12 +33,20 @@ from pathlib import Path
 
 from bench.common import REPO, RESULTS, apiserver_process, print_table
 from bench.kube_proxy import ENDPOINTS, inside, namespace
-from testbed.api.kube_json import from_kube
+from testbed.api.kinds import BY_NAME
+from testbed.api.kube_json import from_dict
 from testbed.client.client import ApiClient
 from testbed.paths import StateDir
 
 GOALS_MS = {"iptables": 500, "nftables": 100}
 NODE = "node-a"
+
+
+def from_kube(manifest: dict):
+    message, warnings = from_dict(manifest, BY_NAME[manifest["kind"]])
+    if warnings:
+        raise ValueError(warnings)
+    return message
 
 
 def service(i: int):

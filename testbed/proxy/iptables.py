@@ -181,6 +181,13 @@ class HookRule:
     def delete_argv(self) -> list[str]:
         return ["-t", self.table, "-D", self.chain, *self.args]
 
+    def in_saved(self, saved: str) -> bool:
+        """Whether `iptables-save -t <table>` output holds this jump (its chain, comment, target)."""
+        comment, target = self.args[-3], self.args[-1]
+        return any(line.startswith(f"-A {self.chain} ") and line.endswith(f" -j {target}")
+                   and (f'--comment "{comment}"' in line or f"--comment {comment} " in line)
+                   for line in saved.splitlines())
+
 
 def _hook(table: str, chain: str, target: str, comment: str, *extra: str) -> HookRule:
     return HookRule(table, chain, (*extra, "-m", "comment", "--comment", comment, "-j", target))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 
 from testbed import simplehttp
@@ -50,6 +51,9 @@ class ProxyServer:
         self.metrics = ProxyMetrics()
         self.health = HealthState(timeout=max(2 * min_sync_period, 10.0))
         self.healthchecks = HealthCheckServers()
+        # Every node's kube-proxy starts in the same second here: a full sync period drawn
+        # within +-10 % keeps their periodic full syncs from all landing at once.
+        full_sync_period *= random.uniform(0.9, 1.1)
         self.runner = BoundedFrequencyRunner(self.sync, min_sync_period, full_sync_period)
         self.full_sync_period = full_sync_period
         self._needs_full = True

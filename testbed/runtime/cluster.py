@@ -11,6 +11,7 @@ in reverse; `clean()` removes what a cluster whose processes died left behind.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ class Cluster:
         self.progress = progress
         self.processes = ProcessTable(state.path)
         self.network: topology.ClusterNetwork | None = None
-        self._openflow_port = 0
+        self._attaching: concurrent.futures.Future | None = None
 
     # ------------------------------------------------------------ up
 
@@ -77,11 +78,10 @@ class Cluster:
             self._step(f"network: {self.config.nodes} nodes, router, client", self._start_network)
             self._step("API server", self._wait_apiserver)
             self._step("controller-manager", self._start_controller_manager)
-            self._step("cloud load balancer", self._start_load_balancer)  # os-ken imports while the rest starts
+            self._step("cloud load balancer", self._start_load_balancer)  # attached while the rest starts
             self._step("kubelets", self._start_kubelets)
             self._step(f"kube-proxies ({self.config.proxy_mode})", self._start_kube_proxies)
             summary = asyncio.run(self._converge(manifests, deadline=time.monotonic() + timeout))
-            # last: os-ken's imports (1-2 s) overlap the nodes and pods getting Ready
             self._step("edge bridge attached to the load balancer", self._attach_load_balancer)
         except BaseException:
             kept = self._keep_logs()
@@ -158,10 +158,16 @@ class Cluster:
             ], netns=self.network.netns(node))
 
     def _start_load_balancer(self) -> None:
-        self._openflow_port = loadbalancer.start(self.config, self.state.path, self.processes, self.network)
+        """Start its processes, and attach the edge bridge in the background as soon as os-ken
+        listens (its start is a second or more of CPU on a busy 2-core machine): it overlaps
+        the kubelets and kube-proxies starting and the nodes and pods getting Ready."""
+        port = loadbalancer.start(self.config, self.state.path, self.processes, self.network)
+        bridge = self.network.bridges["edge"]
+        self._attaching = concurrent.futures.ThreadPoolExecutor(1).submit(
+            loadbalancer.attach, bridge, port, 30, self._check_processes)
 
     def _attach_load_balancer(self) -> None:
-        loadbalancer.attach(self.network.bridges["edge"], self._openflow_port, 30, self._check_processes)
+        self._attaching.result()
 
     async def _converge(self, manifests: list[Message], deadline: float) -> Summary:
         async with ApiClient.for_state_dir(self.state) as client:
