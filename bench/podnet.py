@@ -156,6 +156,19 @@ def pyroute2_pod(ipr_node: IPRoute, ipr_pod: IPRoute, pod_fd: int, host: str, ip
     ipr_pod.route("add", dst="0.0.0.0/0", gateway=gateway)
 
 
+def add_then_remove(res: Result, add, node: str, index: int, pods: int, ipr_node: IPRoute) -> None:
+    """Time the adds, check the pods reach each other, then time removing their namespaces
+    (`netns.remove`) and until their veths are gone from the node."""
+    timed_adds(res, add)
+    check_ping(f"{node}-p0", pod_ip(index, pods - 1))
+    start = time.perf_counter()
+    for i in range(pods):
+        netns.remove(f"{node}-p{i}")
+    res.remove_total = time.perf_counter() - start
+    wait_gone(ipr_node)
+    res.gone = time.perf_counter() - start
+
+
 def run_pyroute2_forks(pods: int) -> Result:
     node, res = f"{PREFIX}-n3", Result("pyroute2 API, netns.create + IPRoute(netns=) (forks)", pods)
     ip_bridge(node, 3)
@@ -171,14 +184,7 @@ def run_pyroute2_forks(pods: int) -> Result:
             os.close(fd)
 
     with IPRoute(netns=node) as ipr_node:
-        timed_adds(res, add)
-        check_ping(f"{node}-p0", pod_ip(3, pods - 1))
-        start = time.perf_counter()
-        for i in range(pods):
-            netns.remove(f"{node}-p{i}")
-        res.remove_total = time.perf_counter() - start
-        wait_gone(ipr_node)
-        res.gone = time.perf_counter() - start
+        add_then_remove(res, add, node, 3, pods, ipr_node)
     return res
 
 
@@ -196,14 +202,7 @@ def run_pyroute2_setns(pods: int) -> Result:
                 pyroute2_pod(ipr_node, ipr_pod, fd, f"ps{i:08x}", pod_ip(4, i), "10.244.4.1")
 
     with IPRoute(netns=node) as ipr_node:
-        timed_adds(res, add)
-        check_ping(f"{node}-p0", pod_ip(4, pods - 1))
-        start = time.perf_counter()
-        for i in range(pods):
-            netns.remove(f"{node}-p{i}")
-        res.remove_total = time.perf_counter() - start
-        wait_gone(ipr_node)
-        res.gone = time.perf_counter() - start
+        add_then_remove(res, add, node, 4, pods, ipr_node)
     return res
 
 
