@@ -219,6 +219,21 @@ def test_client_reaches_no_cluster_ip_and_no_pod_ip(lab, web):
             lab.exec("client", "ip", "route", "del", route[3])
 
 
+def test_pods_and_nodes_reaching_the_external_ip_stay_inside_the_cluster(lab, web):
+    """As upstream: kube-proxy has rules for status.loadBalancer.ingress IPs, so a pod or a node
+    reaching the external IP is DNATed on its own node and never crosses the load balancer."""
+    pods = ready_pods(lab, "web", 3)
+    names = {p["metadata"]["name"] for p in pods}
+    before = connection_nodes(lab, web)
+    for where in (pods[0]["metadata"]["name"], "node2"):
+        for _ in range(5):
+            r = lab.exec(where, "curl", "-s", "--max-time", "3", f"http://{web}/")
+            assert r.returncode == 0 and json.loads(r.stdout)["pod"] in names, r
+    assert connection_nodes(lab, web) == before  # no new connection through the switch
+    rules = lab.svclab("rules", "node2", check=True).stdout
+    assert f"-d {web}/32" in rules and "loadbalancer IP" in rules
+
+
 def test_second_service_gets_its_own_ip(lab, web):
     apply(lab, lb_service("web2", app="web"))
     try:
