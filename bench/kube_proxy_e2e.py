@@ -33,9 +33,8 @@ from pathlib import Path
 
 from bench.common import REPO, RESULTS, apiserver_process, print_table
 from bench.kube_proxy import ENDPOINTS, inside, namespace
-from testbed.api.kinds import BY_NAME
-from testbed.api.kube_json import from_dict
 from testbed.client.client import ApiClient
+from testbed.manifests import object_of
 from testbed.paths import StateDir
 
 GOALS_MS = {"iptables": 500, "nftables": 100}
@@ -43,7 +42,7 @@ NODE = "node-a"
 
 
 def from_kube(manifest: dict):
-    message, warnings = from_dict(manifest, BY_NAME[manifest["kind"]])
+    message, warnings = object_of(manifest)
     if warnings:
         raise ValueError(warnings)
     return message

@@ -88,19 +88,31 @@ def pod_ip(subnet: int, i: int) -> str:
     return f"10.244.{subnet}.{i + 2}"
 
 
+def add_then_remove(res: Result, add: Callable[[int], None], remove: Callable[[int], None], node: str,
+                    subnet: int, pods: int, watch: IPRoute) -> None:
+    """Time the adds, check the pods reach each other, then time the removes and until their
+    veths are gone from the node (seen through `watch`, an IPRoute in the node namespace)."""
+    timed_adds(res, add)
+    check_ping(f"{node}-p0", pod_ip(subnet, pods - 1))
+    start = time.perf_counter()
+    for i in range(pods):
+        remove(i)
+    res.remove_total = time.perf_counter() - start
+    wait_gone(watch)
+    res.gone = time.perf_counter() - start
+
+
+def remove_netns(node: str) -> Callable[[int], None]:
+    return lambda i: netns.remove(f"{node}-p{i}")
+
+
 def run_podnet(pods: int) -> Result:
     node, res = f"{PREFIX}-n1", Result("podnet (netlink, in-thread setns)", pods)
     netns.create(node)
     with IPRoute(netns=node) as watch, NodeBridge(node, "10.244.1.0/24") as bridge:
         bridge.ensure()
-        timed_adds(res, lambda i: bridge.add_pod(f"{node}-p{i}", pod_ip(1, i), f"pb{i:08x}"))
-        check_ping(f"{node}-p0", pod_ip(1, pods - 1))
-        start = time.perf_counter()
-        for i in range(pods):
-            bridge.remove_pod(f"{node}-p{i}")
-        res.remove_total = time.perf_counter() - start
-        wait_gone(watch)
-        res.gone = time.perf_counter() - start
+        add_then_remove(res, lambda i: bridge.add_pod(f"{node}-p{i}", pod_ip(1, i), f"pb{i:08x}"),
+                        lambda i: bridge.remove_pod(f"{node}-p{i}"), node, 1, pods, watch)
         bridge.settle()
     return res
 
@@ -132,14 +144,7 @@ def run_ip(pods: int, move: bool = True) -> Result:
         sh("ip", "-n", pod, "route", "add", "default", "via", f"10.244.{subnet}.1")
 
     with IPRoute(netns=node) as watch:
-        timed_adds(res, add)
-        check_ping(f"{node}-p0", pod_ip(subnet, pods - 1))
-        start = time.perf_counter()
-        for i in range(pods):
-            sh("ip", "netns", "del", f"{node}-p{i}")
-        res.remove_total = time.perf_counter() - start
-        wait_gone(watch)
-        res.gone = time.perf_counter() - start
+        add_then_remove(res, add, lambda i: sh("ip", "netns", "del", f"{node}-p{i}"), node, subnet, pods, watch)
     return res
 
 
@@ -154,19 +159,6 @@ def pyroute2_pod(ipr_node: IPRoute, ipr_pod: IPRoute, pod_fd: int, host: str, ip
     ipr_pod.link("set", index=eth0, state="up")
     ipr_pod.addr("add", index=eth0, address=ip, prefixlen=24)
     ipr_pod.route("add", dst="0.0.0.0/0", gateway=gateway)
-
-
-def add_then_remove(res: Result, add, node: str, index: int, pods: int, ipr_node: IPRoute) -> None:
-    """Time the adds, check the pods reach each other, then time removing their namespaces
-    (`netns.remove`) and until their veths are gone from the node."""
-    timed_adds(res, add)
-    check_ping(f"{node}-p0", pod_ip(index, pods - 1))
-    start = time.perf_counter()
-    for i in range(pods):
-        netns.remove(f"{node}-p{i}")
-    res.remove_total = time.perf_counter() - start
-    wait_gone(ipr_node)
-    res.gone = time.perf_counter() - start
 
 
 def run_pyroute2_forks(pods: int) -> Result:
@@ -184,7 +176,7 @@ def run_pyroute2_forks(pods: int) -> Result:
             os.close(fd)
 
     with IPRoute(netns=node) as ipr_node:
-        add_then_remove(res, add, node, 3, pods, ipr_node)
+        add_then_remove(res, add, remove_netns(node), node, 3, pods, ipr_node)
     return res
 
 
@@ -202,7 +194,7 @@ def run_pyroute2_setns(pods: int) -> Result:
                 pyroute2_pod(ipr_node, ipr_pod, fd, f"ps{i:08x}", pod_ip(4, i), "10.244.4.1")
 
     with IPRoute(netns=node) as ipr_node:
-        add_then_remove(res, add, node, 4, pods, ipr_node)
+        add_then_remove(res, add, remove_netns(node), node, 4, pods, ipr_node)
     return res
 
 

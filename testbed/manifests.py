@@ -75,7 +75,7 @@ def parse(text: str, source: str = "<stdin>", namespace: str = "") -> Manifest:
             items = [doc]
         for item in items:
             try:
-                obj, warnings = _object_of(item, where)
+                obj, warnings = object_of(item, where)
             except ManifestInvalid as exc:
                 problems.append(str(exc))
                 continue
@@ -88,7 +88,9 @@ def parse(text: str, source: str = "<stdin>", namespace: str = "") -> Manifest:
     return manifest
 
 
-def _object_of(doc: object, where: str) -> tuple[Message, list[str]]:
+def object_of(doc: object, where: str = "<object>") -> tuple[Message, list[str]]:
+    """One Kubernetes object given as a dict: the message and warnings on unknown fields;
+    ManifestInvalid naming `where` and the bad field."""
     if not isinstance(doc, dict):
         raise ManifestInvalid(f"error: {where}: not a Kubernetes object (expected a mapping with apiVersion and kind)")
     api_version, kind_name = doc.get("apiVersion"), doc.get("kind")
