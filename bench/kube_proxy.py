@@ -41,10 +41,9 @@ from typing import Callable, Iterator
 from bench.common import RESULTS, print_table
 from testbed.proxy import iptables as ipt
 from testbed.proxy import nftables as nft
-from testbed.proxy.iptables_backend import IptablesBackend
+from testbed.proxy import backends
 from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
-from testbed.proxy.nftables_backend import NftablesBackend
-from testbed.runtime.podnet import entered_netns
+from testbed.node.podnet import entered_netns
 
 PREFIX = f"kpb{os.getpid()}"
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -122,7 +121,7 @@ class Mode:
         self.name = name
 
     def backend(self):
-        return IptablesBackend(CLUSTER_CIDR, NODE) if self.name == "iptables" else NftablesBackend(CLUSTER_CIDR, NODE)
+        return backends.create(self.name, backends.NodeSettings(NODE, CLUSTER_CIDR))
 
     def render(self, backend, state: ProxyState) -> object:
         if self.name == "iptables":

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench.cluster import svclab, teardown
 from bench.common import REPO, RESULTS, print_table
-from testbed.runtime import loadbalancer
+from testbed.cluster import cloud_lb
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
 RATE = 20.0
@@ -98,7 +98,7 @@ class Lab:
         raise RuntimeError(f"{service}: no external IP")
 
     def backends(self, ip: str) -> set[str]:
-        lb = loadbalancer.published_table(self.state).by_ip().get(ip)
+        lb = cloud_lb.published_table(self.state).by_ip().get(ip)
         return set(lb.backends) if lb else set()
 
     def wait_backends(self, ip: str, want: set[str], timeout: float = 30) -> float:
@@ -136,7 +136,7 @@ class Lab:
         raise RuntimeError(f"{app}: pods not ready")
 
     def load(self, url: str, duration: float) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", f"{self.name}-client", sys.executable, "-m", "testbed.loadgen",
+        return subprocess.Popen(["ip", "netns", "exec", f"{self.name}-client", sys.executable, "-m", "bench.loadgen",
                                  url, "--rate", str(RATE), "--duration", str(duration),
                                  "--timeout", str(REQUEST_TIMEOUT)], stdout=subprocess.PIPE, text=True, cwd=REPO)
 
@@ -146,12 +146,12 @@ def failover_run(lab: Lab, ip: str) -> dict:
     run = lab.load(f"http://{ip}/", duration=6)
     time.sleep(2.0)
     crash = time.time()
-    loadbalancer.node_port_state(lab.name, "node3", "down")
+    cloud_lb.node_port_state(lab.name, "node3", "down")
     try:
         detected = lab.wait_backends(ip, {NODES["node1"], NODES["node2"]}, timeout=10)
         result = json.loads(run.communicate(timeout=60)[0])
     finally:
-        loadbalancer.node_port_state(lab.name, "node3", "up")
+        cloud_lb.node_port_state(lab.name, "node3", "up")
     requests = [dict(r, at=result["start"] + r["t"] - crash) for r in result["requests"]]
     failed = [r for r in requests if not r["ok"]]
     window = 0.0

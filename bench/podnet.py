@@ -1,4 +1,4 @@
-"""Pod network setup: testbed.runtime.podnet (netlink, no forks) against forked `ip` commands.
+"""Pod network setup: testbed.node.podnet (netlink, no forks) against forked `ip` commands.
 
 Goal (1,000 pods Ready in 30 s, create->Ready p50 <= 200 ms, on this 2-core machine): the
 network part of a pod should cost a few ms, not the ~14 ms of six `ip` forks.
@@ -33,8 +33,8 @@ from typing import Callable
 from pyroute2 import IPRoute, netns
 
 from bench.common import RESULTS, percentile, print_table
-from testbed.runtime import podnet
-from testbed.runtime.podnet import NETNS_DIR, NodeBridge
+from testbed.node import podnet
+from testbed.node.podnet import NETNS_DIR, NodeBridge
 
 PREFIX = f"pnbench{os.getpid()}"
 

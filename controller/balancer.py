@@ -9,7 +9,7 @@ import logging
 
 from controller import flows
 from controller.flows import Connection, Delete, Rule
-from controller.table import LoadBalancer, Table
+from testbed.cloud.lb_table import LoadBalancer, Table
 
 log = logging.getLogger("svclab.lb")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from controller.table import LoadBalancer
+from testbed.cloud.lb_table import LoadBalancer
 
 ARP, PUNT, GUARD, FORWARD, REPLY, DENY = 1, 2, 3, 4, 5, 6
 MARK = 0x5CB0

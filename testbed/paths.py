@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.naming import check_cluster_name
+
 DEFAULT_CLUSTER = "svclab"
 DEFAULT_STATE_ROOT = Path("/var/lib/svclab")
-# Short and without '-': it prefixes bridge and interface names (15 characters at
-# most) and is separated from the rest of them by '-'.
-_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
-
-
-def check_cluster_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ValueError(
-            f"invalid cluster name {name!r}: use 1-8 lower-case letters or digits, starting with a letter"
-        )
-    return name
 
 
 @dataclass(frozen=True)

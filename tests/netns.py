@@ -77,7 +77,7 @@ class inside:
     """Run the block with this thread in namespace `ns` (and refuse to run it anywhere else)."""
 
     def __init__(self, ns: str) -> None:
-        from testbed.runtime.podnet import entered_netns
+        from testbed.node.podnet import entered_netns
         self.ns, self._cm = ns, entered_netns(ns)
 
     def __enter__(self) -> None:

@@ -410,7 +410,7 @@ s.sendall(b"after\\n"); print(s.recv(100).decode().strip(), flush=True)
 
 
 def test_kube_proxy_kill_9_and_restart_keeps_connections_and_converges(lab, tmp_path):
-    from testbed.runtime.processes import ProcessTable
+    from testbed.cluster.processes import ProcessTable
 
     apply(lab, """
 apiVersion: apps/v1
@@ -485,7 +485,7 @@ spec:
 def test_api_server_unreachable_nodes_keep_their_rules_and_resync(lab):
     """The API server dies: every node keeps its rules and keeps serving; when it is back, the
     kube-proxies pick up what changed meanwhile."""
-    from testbed.runtime.processes import ProcessTable
+    from testbed.cluster.processes import ProcessTable
 
     apply(lab, (SEED / "service-nodeport.yaml").read_text())
     names = {p["metadata"]["name"] for p in frontend_pods(lab)}

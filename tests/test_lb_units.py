@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from controller import flows, openflow
+from controller import flows, osken_messages
 from controller.balancer import Balancer
 from controller.flows import Connection, Delete, Rule
-from controller.table import LoadBalancer, Port, Table
+from testbed.cloud.lb_table import LoadBalancer, Port, Table
 from testbed.cloud.ipam import Pool
-from testbed.runtime.config import ClusterConfig, ConfigError
+from testbed.cluster.config import ClusterConfig, ConfigError
 
 NODES = ("172.18.0.2", "172.18.0.3", "172.18.0.4")
 GW_MAC = "32:b3:fd:5c:dd:16"
@@ -75,7 +75,7 @@ def serialize(item):
     """Through os-ken's real OpenFlow 1.3 encoder."""
     from os_ken.ofproto import ofproto_protocol, ofproto_v1_3
     dp = ofproto_protocol.ProtocolDesc(ofproto_v1_3.OFP_VERSION)
-    msg = openflow.message(dp, item)
+    msg = osken_messages.message(dp, item)
     msg.serialize()
     return msg
 
@@ -105,7 +105,7 @@ def test_connection_rules_rewrite_to_the_node_port_and_back():
     msg = serialize(forward)
     assert msg.idle_timeout == 60 and msg.cookie >> 56 == flows.FORWARD
     # what a restarted controller reads back from the switch gives the same connection
-    read_back = flows.connection_from_rule(openflow.match_dict(msg.match), openflow.actions_of(msg.instructions),
+    read_back = flows.connection_from_rule(osken_messages.match_dict(msg.match), osken_messages.actions_of(msg.instructions),
                                            "203.0.113.100")
     assert read_back == conn
     for d in flows.delete_connection(conn, 1) + [flows.delete_lb("203.0.113.100")]:
@@ -168,7 +168,7 @@ def test_restarted_controller_relearns_connections_and_drops_stale_ips():
     installed = []
     for item in flows.lb_rules(lb()) + flows.lb_rules(lb("203.0.113.101")) + flows.connection_rules(conn, 1, GW_MAC, 60):
         msg = serialize(item)
-        installed.append((msg.cookie, openflow.match_dict(msg.match), openflow.actions_of(msg.instructions)))
+        installed.append((msg.cookie, osken_messages.match_dict(msg.match), osken_messages.actions_of(msg.instructions)))
     second = Balancer(1, GW_MAC)
     second.table = Table((lb(),))
     changes = second.switch_connected(installed)
@@ -182,5 +182,5 @@ def test_idled_out_connection_is_forgotten():
     b.set_table(Table((lb(),)))
     conn = new(b, 40000)[1]
     forward = serialize(flows.connection_rules(conn, 1, GW_MAC, 60)[0])
-    b.flow_removed(forward.cookie, openflow.match_dict(forward.match))
+    b.flow_removed(forward.cookie, osken_messages.match_dict(forward.match))
     assert not b.connections

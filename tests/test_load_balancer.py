@@ -23,8 +23,8 @@ import pytest
 
 from testbed.client.client import ApiClient
 from testbed.paths import StateDir
-from testbed.runtime import loadbalancer
-from testbed.runtime.processes import ProcessTable
+from testbed.cluster import cloud_lb
+from testbed.cluster.processes import ProcessTable
 from tests.conftest import REPO
 from tests.test_cluster import LabCluster, cluster_name, leftovers
 
@@ -96,7 +96,7 @@ def external_ip(lab: LabCluster, name: str, timeout: float = 15) -> str:
 
 def table(lab: LabCluster) -> dict:
     """What the cloud-controller publishes right now: external IP -> LoadBalancer."""
-    return loadbalancer.published_table(lab.state).by_ip()
+    return cloud_lb.published_table(lab.state).by_ip()
 
 
 def wait_backends(lab: LabCluster, ip: str, want: set[str], timeout: float = 20) -> float:
@@ -145,13 +145,13 @@ def get_json(lab: LabCluster, url: str, timeout: float = 10) -> dict:
 
 
 def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float = 1.0) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "testbed.loadgen", url,
+    return subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "bench.loadgen", url,
                              "--rate", str(rate), "--duration", str(duration), "--timeout", str(timeout)],
                             stdout=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def set_port(lab: LabCluster, node: str, state: str) -> None:
-    loadbalancer.node_port_state(lab.name, node, state)
+    cloud_lb.node_port_state(lab.name, node, state)
 
 
 def cordon(lab: LabCluster, node: str, unschedulable: bool) -> None:
@@ -376,16 +376,16 @@ def test_controller_restart_keeps_established_connections_and_relearns(lab, web)
     try:
         assert holder.stdout.readline().strip() == "open"
         processes = ProcessTable(lab.state)
-        for name in (loadbalancer.LB_CONTROLLER, loadbalancer.CLOUD_CONTROLLER):
+        for name in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER):
             os.kill(processes.load()[name].pid, signal.SIGKILL)
         time.sleep(1)
-        assert not any(processes.load()[n].alive() for n in (loadbalancer.LB_CONTROLLER, loadbalancer.CLOUD_CONTROLLER))
+        assert not any(processes.load()[n].alive() for n in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER))
         holder.stdin.write("a\n")  # no controller at all: the switch still carries the connection
         assert json.loads(holder.stdout.readline())["pod"].startswith("web-")
-        for name in (loadbalancer.CLOUD_CONTROLLER, loadbalancer.LB_CONTROLLER):
+        for name in (cloud_lb.CLOUD_CONTROLLER, cloud_lb.LB_CONTROLLER):
             processes.restart(name)
         deadline = time.monotonic() + 20
-        while not loadbalancer.connected(f"{lab.name}-edge"):
+        while not cloud_lb.connected(f"{lab.name}-edge"):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         wait_backends(lab, web, set(NODES.values()))

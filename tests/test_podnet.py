@@ -1,4 +1,4 @@
-"""Pod network plumbing (testbed.runtime.podnet) on real namespaces.
+"""Pod network plumbing (testbed.node.podnet) on real namespaces.
 
 Every namespace a test makes is named pntest<pid>-...; interfaces live only inside those
 namespaces. The fixture removes all of them when the test ends, pass or fail.
@@ -18,7 +18,7 @@ import time
 import pytest
 from pyroute2 import IPRoute, netns
 
-from testbed.runtime.podnet import (
+from testbed.node.podnet import (
     NETNS_DIR, NodeBridge, PodNetworkError, check_ifname, check_netns_name, entered_netns, remove_netns,
 )
 

@@ -147,7 +147,7 @@ def test_nodeport_addresses_accept_nodeports_on_those_addresses_only(netns, back
     assert only == ("172.18.0.2",)
     web = svc("default", "web", "10.96.0.31", type="NodePort",
               ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30090}])
-    backend = backends.create(backend_class.name, CLUSTER_CIDR, NODE, node_ips, nodeport_addresses=only)
+    backend = backends.create(backend_class.name, backends.NodeSettings(NODE, CLUSTER_CIDR, node_ips, only))
     with inside(node):
         backend.sync(ProxyState.from_objects([web], [eps("default", "web", [(POD_IP, NODE)])], NODE), None)
     assert ask(ext, NODE_IP, 30090) == "pod 10.244.1.1"  # DNAT, masqueraded (Cluster policy)

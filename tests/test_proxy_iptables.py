@@ -696,12 +696,13 @@ def test_packets_through_the_rules(netns):
 
 @needs_kernel
 def test_kernel_backend_notices_flushed_or_deleted_chains_and_repairs(netns):
+    from testbed.proxy.backends import NodeSettings
     from testbed.proxy.iptables_backend import CANARY, IptablesBackend
-    from testbed.runtime.podnet import entered_netns
+    from testbed.node.podnet import entered_netns
 
     node = netns.add("node")
     state = ProxyState.from_objects(*golden_objects(), NODE)
-    backend = IptablesBackend(CLUSTER_CIDR, NODE, (NODE_IP,))
+    backend = IptablesBackend(NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
     with entered_netns(node):
         assert backend.needs_full_sync()  # nothing synced yet
         backend.sync(state, None)

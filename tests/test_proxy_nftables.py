@@ -33,6 +33,7 @@ import pytest
 from testbed.proxy import nftables as nft
 from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
 from testbed.proxy.nfnetlink import chain_rule_count, table_handle
+from testbed.proxy.backends import NodeSettings
 from testbed.proxy.nftables_backend import NftablesBackend
 from tests.builders import obj
 from tests.netns import ask, inside, link, netns_fixture, run, serve
@@ -606,7 +607,7 @@ def test_kernel_backend_partial_sync_and_repair(netns):
     node = netns.add("node")
     services, slices = golden_objects()
     tracker = tracked(services, slices)
-    backend = NftablesBackend(CLUSTER_CIDR, NODE, (NODE_IP,))
+    backend = NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
     with inside(node):
         assert backend.needs_full_sync()
         counts = backend.sync(tracker.state, None)
@@ -664,7 +665,7 @@ def test_kernel_failed_sync_forces_a_replace(netns):
     node = netns.add("node")
     services, slices = golden_objects()
     tracker = tracked(services, slices)
-    backend = NftablesBackend(CLUSTER_CIDR, NODE)
+    backend = NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR))
     with inside(node):
         backend.sync(tracker.state, None)
         # a stale chain it means to delete vanishes behind its back: the sync deleting it fails
@@ -722,7 +723,7 @@ def test_packets_through_the_rules(netns):
               eps("default", "local", [one, two]), eps("default", "sticky", [one, two, three]),
               eps("default", "lb", [two]), eps("default", "elsewhere", [two])]
     tracker = tracked(services, slices)
-    backend = NftablesBackend(CLUSTER_CIDR, NODE, (NODE_IP,))
+    backend = NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
     with inside(node):
         backend.sync(tracker.state, None)
 

@@ -1,4 +1,4 @@
-"""The cluster network (testbed.runtime.topology) on real Mininet, OVS and namespaces.
+"""The cluster network (testbed.cluster.net) on real Mininet, OVS and namespaces.
 
 Every test uses its own cluster name ("t" + 4 random letters) and its own state
 directory, and removes what it made in a finally block / fixture, so the tests can run
@@ -23,16 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from testbed.runtime.topology import (
-    ClusterExistsError,
-    ClusterNetwork,
-    Names,
-    TopologyConfig,
-    clean,
-    find_leftovers,
-    lock_path,
-    validate_cluster_name,
-)
+from testbed.cluster.net import ClusterExistsError, ClusterNetwork
+from testbed.cluster.netclean import clean, find_leftovers, lock_path
+from testbed.cluster.topo import Names, TopologyConfig
+from testbed.naming import check_cluster_name as validate_cluster_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -330,7 +324,8 @@ def test_two_clusters_side_by_side(cluster):
 HELPER = r"""
 import sys, time
 from pathlib import Path
-from testbed.runtime.topology import ClusterNetwork, TopologyConfig
+from testbed.cluster.net import ClusterNetwork
+from testbed.cluster.topo import TopologyConfig
 net = ClusterNetwork(TopologyConfig(sys.argv[1]), Path(sys.argv[2]))
 net.start()
 net.host("node1").cmd("sleep 600 &")           # a job of a host shell

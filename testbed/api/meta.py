@@ -10,6 +10,9 @@ from google.protobuf.message import Message
 M = TypeVar("M", bound=Message)
 
 
+# On an EndpointSlice: the Service it belongs to (upstream's discovery.LabelServiceName).
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
 # On an EndpointSlice: when the change it reflects happened (upstream's
 # endpoints.kubernetes.io/last-change-trigger-time, RFC 3339 with fractions); kube-proxy
 # measures its network programming latency from it.

@@ -1,4 +1,4 @@
-"""Cluster lifecycle verbs: up, down, clean, exec; and the kubelet component."""
+"""Cluster lifecycle verbs (up, demo, down, clean) and looking inside nodes (exec, rules)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from pathlib import Path
 
 import click
 
+from testbed import naming
 from testbed.cli.common import Duration, Target, fail, pass_target, run_with_client
 from testbed.cli.printers import service_external_ip
-from testbed.runtime.config import PROXY_MODES, ClusterConfig, ConfigError
+from testbed.cluster.config import ClusterConfig, ConfigError
+from testbed.proxy.backends import MODES
 
 READY_FILE = "ready"
 
 
 @click.command()
 @click.option("--nodes", type=int, default=None, help="Number of nodes (default 3).")
-@click.option("--proxy-mode", type=click.Choice(PROXY_MODES), default=None, help="kube-proxy mode (default iptables).")
+@click.option("--proxy-mode", type=click.Choice(MODES), default=None, help="kube-proxy mode (default iptables).")
 @click.option("-f", "--filename", "files", multiple=True, help="Manifests to apply once the cluster is up.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Cluster config YAML (nodes, subnets, proxy mode, ...).")
@@ -30,11 +32,10 @@ def up(ctx: click.Context, nodes: int | None, proxy_mode: str | None, files: tup
        config_file: Path | None, detach: bool, timeout: float) -> None:
     """Build a cluster: Mininet nodes, API server, controllers, kubelets; then apply -f manifests."""
     target: Target = ctx.obj
-    name_given = ctx.parent.params.get("name") is not None or "SVCLAB_CLUSTER" in os.environ
     try:
         config = ClusterConfig.from_file(config_file) if config_file else ClusterConfig()
         config = config.with_overrides(nodes=nodes, proxy_mode=proxy_mode,
-                                       name=target.name if name_given or not config_file else None)
+                                       name=target.name if target.named or not config_file else None)
     except ConfigError as exc:
         fail(f"invalid cluster config: {exc}")
     if os.geteuid() != 0:
@@ -58,7 +59,7 @@ def up(ctx: click.Context, nodes: int | None, proxy_mode: str | None, files: tup
 
 
 def _up_foreground(config: ClusterConfig, target: Target, manifests, timeout: float, interactive: bool) -> None:
-    from testbed.runtime.cluster import Cluster, ClusterError
+    from testbed.cluster.lifecycle import Cluster, ClusterError
 
     cluster = Cluster(config, target.state, progress=lambda line: click.echo(line, err=True))
     click.echo(f"Creating cluster \"{config.name}\" ...", err=True)
@@ -79,7 +80,7 @@ def _up_foreground(config: ClusterConfig, target: Target, manifests, timeout: fl
         if ready_file:  # a detached `svclab up` waits for this
             Path(ready_file).touch()
         if interactive:
-            from testbed.runtime.shell import ClusterShell
+            from testbed.cluster.shell import ClusterShell
             ClusterShell(cluster).run()
         else:
             while not stop["now"]:
@@ -148,7 +149,7 @@ def demo(ctx: click.Context) -> None:
     In a terminal it opens the cluster's shell (exit tears the cluster down);
     otherwise it starts the cluster in the background (`svclab down` stops it).
     """
-    from testbed.runtime.cluster import is_running
+    from testbed.cluster.lifecycle import is_running
 
     target: Target = ctx.obj
     if is_running(target.state):
@@ -163,8 +164,8 @@ def demo(ctx: click.Context) -> None:
 @pass_target
 def down(target: Target) -> None:
     """Tear the cluster down (every namespace, interface, bridge, process and file of it)."""
-    from testbed.runtime.cluster import clean
-    from testbed.runtime.processes import ProcessTable
+    from testbed.cluster.lifecycle import clean
+    from testbed.cluster.processes import ProcessTable
 
     supervisor = ProcessTable(target.state.path).load().get("up")
     if supervisor is not None and supervisor.alive():
@@ -180,7 +181,7 @@ def down(target: Target) -> None:
 @pass_target
 def clean_cmd(target: Target) -> None:
     """Remove what a cluster whose processes died left behind (namespaces, bridges, processes, files)."""
-    from testbed.runtime.cluster import clean, is_running
+    from testbed.cluster.lifecycle import clean, is_running
 
     if is_running(target.state):
         fail(f"cluster \"{target.name}\" is running; use `svclab down --name {target.name}`")
@@ -198,71 +199,53 @@ def clean_cmd(target: Target) -> None:
 @pass_target
 def exec_cmd(target: Target, namespace: str, target_name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a pod's, node's or the client's namespace: svclab exec client -- curl ..."""
-    from testbed.runtime import naming, podnet
 
     netns = naming.node_netns(target.name, target_name)
-    if not Path(podnet.netns_path(netns)).exists():
+    if not Path(naming.netns_path(netns)).exists():
         async def find(client):
             return await client.get("Pod", target_name, namespace)
         pod = run_with_client(target, find)
         netns = naming.pod_netns(target.name, pod.metadata.uid)
-        if not Path(podnet.netns_path(netns)).exists():
+        if not Path(naming.netns_path(netns)).exists():
             fail(f'pod "{target_name}" has no network namespace yet (phase {pod.status.phase or "Pending"})')
     argv = list(command[1:] if command and command[0] == "--" else command)
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
 
 
 @click.command()
-@click.option("--api", default=None, help="API server address (default: the cluster's socket).")
-@click.option("--token-file", type=click.Path(path_type=Path), default=None)
-@click.option("--node-name", required=True)
-@click.option("--node-ip", required=True, help="This node's InternalIP.")
-@click.option("--dns-ip", default="10.96.0.10", show_default=True, help="Nameserver written into pods' resolv.conf.")
-@click.option("--heartbeat-interval", type=Duration(), default="1s", show_default=True)
-@pass_target
-def kubelet(target: Target, api: str | None, token_file: Path | None, node_name: str, node_ip: str, dns_ip: str,
-            heartbeat_interval: float) -> None:
-    """Run a node's kubelet in the current network namespace (svclab up starts one per node)."""
-    from testbed.cli.components import api_endpoint
-    from testbed.runtime import naming
-    from testbed.runtime.kubelet import KubeletConfig, run
-
-    address, token = api_endpoint(target, api, token_file)
-    run(address, token, KubeletConfig(
-        cluster=target.name, node_name=node_name, node_ip=node_ip,
-        node_netns=naming.node_netns(target.name, node_name), state_dir=target.state.path,
-        dns_ip=dns_ip, heartbeat_interval=heartbeat_interval,
-    ))
-
-
-@click.command()
 @click.argument("node")
 @pass_target
 def rules(target: Target, node: str) -> None:
-    """Print what NODE's kube-proxy programmed (iptables-save of its chains), Services annotated."""
-    from testbed.proxy.annotate import annotate_iptables
-    from testbed.runtime import naming, podnet
+    """Print what NODE's kube-proxy programmed (its backend's dump), Services annotated."""
+    from testbed.cluster.processes import ProcessTable
+    from testbed.node import podnet
+    from testbed.proxy import backends
+    from testbed.proxy.annotate import annotate
 
     netns = naming.node_netns(target.name, node)
-    if not Path(podnet.netns_path(netns)).exists():
+    if not Path(naming.netns_path(netns)).exists():
         fail(f'no node "{node}" in cluster "{target.name}"')
+    mode = proxy_mode_of(ProcessTable(target.state.path).load().get(f"kube-proxy-{node}"))
+    try:
+        backend = backends.create(mode, backends.NodeSettings(node))
+    except backends.Unsupported as exc:
+        fail(str(exc))
 
     async def services(client):
         return (await client.list("Service"))[0]
 
-    import subprocess
-    saved = []
-    for table in ("nat", "filter"):
-        result = subprocess.run(["ip", "netns", "exec", netns, "iptables-save", "-t", table],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            fail(f"iptables-save in {node} failed: {result.stderr.strip()}")
-        saved.append(result.stdout)
-    text = annotate_iptables("".join(saved), run_with_client(target, services))
-    if any(line.startswith(("-A ", ":KUBE-")) for line in text.splitlines()):
-        click.echo(text, nl=False)
-    # nftables mode: kube-proxy's own table (its chain names carry ns/svc/proto/port already)
-    nft = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "ip", "kube-proxy"],
-                         capture_output=True, text=True)
-    if nft.returncode == 0:
-        click.echo(nft.stdout, nl=False)
+    from testbed.proxy.kernel import RulesFailed
+    try:
+        with podnet.entered_netns(netns):  # the dump's commands run in the node's namespace
+            text = backend.dump()
+    except RulesFailed as exc:
+        fail(f"reading {node}'s {mode} rules failed: {exc}")
+    click.echo(annotate(mode, text, run_with_client(target, services)), nl=False)
+
+
+def proxy_mode_of(recorded) -> str:
+    """The --proxy-mode a recorded kube-proxy was started with (iptables, its default, if none)."""
+    argv = list(recorded.argv or []) if recorded is not None else []
+    if "--proxy-mode" in argv[:-1]:
+        return argv[argv.index("--proxy-mode") + 1]
+    return "iptables"

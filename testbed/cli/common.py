@@ -12,8 +12,9 @@ import click
 
 from testbed.api.errors import ApiError
 from testbed.client.client import ApiClient
-from testbed.runtime.config import parse_duration
-from testbed.paths import DEFAULT_STATE_ROOT, StateDir, check_cluster_name
+from testbed.cluster.config import parse_duration
+from testbed.naming import check_cluster_name
+from testbed.paths import DEFAULT_STATE_ROOT, StateDir
 
 T = TypeVar("T")
 
@@ -24,6 +25,7 @@ class Target:
 
     name: str
     state: StateDir
+    named: bool = False  # the user named the cluster (--name or SVCLAB_CLUSTER), not the default
 
     def client(self) -> ApiClient:
         if not self.state.api_socket.exists():
@@ -34,14 +36,34 @@ class Target:
         return ApiClient.for_state_dir(self.state)
 
 
-def make_target(name: str, state_dir: Path | None, state_root: Path | None) -> Target:
+def make_target(name: str, state_dir: Path | None, state_root: Path | None, named: bool = False) -> Target:
     try:
         check_cluster_name(name)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--name") from None
     if state_dir is not None:
-        return Target(name, StateDir(state_dir))
-    return Target(name, StateDir.for_cluster(name, state_root or DEFAULT_STATE_ROOT))
+        return Target(name, StateDir(state_dir), named)
+    return Target(name, StateDir.for_cluster(name, state_root or DEFAULT_STATE_ROOT), named)
+
+
+NAME_HELP = "Cluster to act on (default: $SVCLAB_CLUSTER or 'svclab')."
+
+
+def _name_after_verb(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """`svclab up --name lab`: the verb's --name wins over the group's (as kind's flags go after the verb)."""
+    if value is not None:
+        current: Target = ctx.obj
+        ctx.obj = make_target(value, None, current.state.path.parent, named=True)
+
+
+class SvclabGroup(click.Group):
+    """A group whose every command also takes --name after the verb, shown in its --help."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "cluster_name" for p in cmd.params):
+            cmd.params.append(click.Option(["--name", "cluster_name"], default=None, expose_value=False,
+                                           callback=_name_after_verb, help=NAME_HELP))
+        super().add_command(cmd, name)
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from testbed.cli.common import Duration, Target, pass_target
+from testbed.proxy.backends import MODES
 
 
 @click.command()
@@ -62,10 +63,31 @@ def controller_manager(target: Target, api: str | None, token_file: Path | None,
     run(address, token, cluster_cidr, node_monitor_grace_period)
 
 
+@click.command()
+@_api_options
+@click.option("--node-name", required=True)
+@click.option("--node-ip", required=True, help="This node's InternalIP.")
+@click.option("--dns-ip", default="10.96.0.10", show_default=True, help="Nameserver written into pods' resolv.conf.")
+@click.option("--heartbeat-interval", type=Duration(), default="1s", show_default=True)
+@pass_target
+def kubelet(target: Target, api: str | None, token_file: Path | None, node_name: str, node_ip: str, dns_ip: str,
+            heartbeat_interval: float) -> None:
+    """Run a node's kubelet in the current network namespace (svclab up starts one per node)."""
+    from testbed import naming
+    from testbed.node.kubelet import KubeletConfig, run
+
+    address, token = api_endpoint(target, api, token_file)
+    run(address, token, KubeletConfig(
+        cluster=target.name, node_name=node_name, node_ip=node_ip,
+        node_netns=naming.node_netns(target.name, node_name), state_dir=target.state.path,
+        dns_ip=dns_ip, heartbeat_interval=heartbeat_interval,
+    ))
+
+
 @click.command(name="kube-proxy")
 @_api_options
 @click.option("--node-name", required=True)
-@click.option("--proxy-mode", type=click.Choice(["iptables", "nftables", "ipvs"]), default="iptables",
+@click.option("--proxy-mode", type=click.Choice(MODES), default="iptables",
               show_default=True)
 @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
               help="Pod addresses: traffic to Services from outside it is masqueraded.")
@@ -94,8 +116,8 @@ def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_na
         raise click.BadParameter(f"no address of this namespace ({', '.join(node_ips) or 'none'}) is inside "
                                  f"{nodeport_addresses}", param_hint="--nodeport-addresses")
     try:
-        backend = backends.create(proxy_mode, cluster_cidr=cluster_cidr, node_name=node_name, node_ips=node_ips,
-                                  nodeport_addresses=nodeport_ips)
+        backend = backends.create(proxy_mode, backends.NodeSettings(
+            node_name, cluster_cidr=cluster_cidr or None, node_ips=node_ips, nodeport_addresses=nodeport_ips))
     except backends.Unsupported as exc:
         raise click.ClickException(str(exc)) from None
     address, token = api_endpoint(target, api, token_file)
@@ -117,7 +139,7 @@ def cloud_controller(target: Target, api: str | None, token_file: Path | None, p
                      health_interval: float, health_timeout: float, healthy_threshold: int,
                      unhealthy_threshold: int) -> None:
     """Play the cloud provider: external IPs and status for LoadBalancer Services, node health checks."""
-    from testbed.cloud.controller import run
+    from testbed.cloud.cloud_controller import run
     from testbed.cloud.health import HealthSettings
     from testbed.cloud.ipam import parse_pool
 
@@ -143,8 +165,8 @@ def cloud_controller(target: Target, api: str | None, token_file: Path | None, p
 def lb_controller(target: Target, openflow_port: int, feed_socket: Path | None, gw_port: int, gw_mac: str,
                   idle_timeout: float) -> None:
     """Run the OpenFlow load balancer (os-ken) for the edge bridge."""
-    from controller.lb_app import Settings
-    from controller.main import run
+    from controller.osken_app import Settings
+    from controller.launch import run
 
     run(openflow_port, Settings(str(feed_socket or target.state.path / "lb.sock"), gw_port, gw_mac,
                                 max(1, int(idle_timeout))))

@@ -11,6 +11,7 @@ from testbed.api.kinds import UnknownKind, kind_named, kind_of
 from testbed.cli.common import Target, fail, pass_target, run_with_client
 from testbed.cli.printers import as_list_document, describe, dump, resource_name, table
 from testbed.api.kube_json import to_dict
+from testbed.api.meta import SERVICE_NAME_LABEL
 from testbed.client.apply import ApplyFailed, apply_objects
 from testbed.manifests import ManifestInvalid, load_paths
 
@@ -105,7 +106,7 @@ def describe_cmd(target: Target, kind_name: str, names: tuple[str, ...], namespa
             related = {}
             if kind.name == "Service":
                 related["EndpointSlice"], _ = await client.list(
-                    "EndpointSlice", ns, f"kubernetes.io/service-name={obj.metadata.name}"
+                    "EndpointSlice", ns, f"{SERVICE_NAME_LABEL}={obj.metadata.name}"
                 )
             elif kind.name == "Deployment":
                 selector = ",".join(f"{k}={v}" for k, v in obj.spec.selector.match_labels.items())

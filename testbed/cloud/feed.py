@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from controller.table import Table
+from testbed.cloud.lb_table import Table
 
 log = logging.getLogger("svclab.cloud")
 

@@ -14,13 +14,12 @@ from google.protobuf.message import Message
 
 from testbed.api.errors import Conflict, NotFound
 from testbed.api.kube_json import int_or_string
-from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, copy_of, rfc3339_precise
+from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, SERVICE_NAME_LABEL, copy_of, rfc3339_precise
 from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import WorkQueue
 from testbed.controllers.base import Informers, owner_ref, pod_is_ready
 
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
 MANAGED_BY = "endpointslice-controller.svclab.io"
 MAX_ENDPOINTS_PER_SLICE = 100

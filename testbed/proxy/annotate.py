@@ -1,4 +1,4 @@
-"""`svclab rules`: kube-proxy's chains with the Service port each one serves."""
+"""`svclab rules`: a backend's dump with the Service port each chain serves."""
 
 from __future__ import annotations
 
@@ -39,3 +39,9 @@ def annotate_iptables(saved: str, services: list[Message]) -> str:
                 line = f"{line}  # {owner}"
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+def annotate(mode: str, dump: str, services: list[Message]) -> str:
+    """A backend's dump for people: iptables chains get their Service; nftables chain names
+    carry it already."""
+    return annotate_iptables(dump, services) if mode == "iptables" else dump

@@ -1,7 +1,23 @@
-"""Choosing a kube-proxy backend by mode; each renders from the same model."""
+"""The contract between kube-proxy and its backends, and choosing a backend by mode.
+
+kube-proxy (server.py) owns the watches, the change tracker and the bounded-frequency
+runner; a backend owns one kind of kernel state. Every backend renders from the same
+shared model (model.ProxyState) and implements `ProxyBackend`; each is constructed the
+same way, from the node's settings alone, and does no I/O until its first call. A test
+checks each implementation against this Protocol (as upstream's
+`var _ proxy.Provider = &Proxier{}`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from testbed.proxy.model import ProxyState, ServicePortName
+
+#: Every mode kube-proxy accepts (--proxy-mode, the cluster config's kubeProxy.mode).
+MODES = ("iptables", "nftables", "ipvs")
+#: The modes svclab has a backend for.
 IMPLEMENTED = ("iptables", "nftables")
 
 
@@ -9,8 +25,61 @@ class Unsupported(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a backend knows about its node, from kube-proxy's flags and the node's namespace.
+
+    cluster_cidr: the cluster's pod CIDR (upstream's local-traffic detector; None or "": none).
+    node_ips: the node's addresses. nodeport_addresses: those of them that accept NodePorts
+    (--nodeport-addresses resolved; empty: every local address).
+    """
+
+    node_name: str
+    cluster_cidr: str | None = None
+    node_ips: tuple[str, ...] = ()
+    nodeport_addresses: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class ProxyBackend(Protocol):
+    """One kernel data plane for Services. All calls come from one thread at a time."""
+
+    #: the mode this backend implements ("iptables", "nftables", ...)
+    name: str
+
+    def __init__(self, settings: NodeSettings) -> None: ...
+
+    def needs_full_sync(self) -> bool:
+        """True until a full sync succeeded, and when someone deleted or flushed our rules
+        behind our back. Cheap (kube-proxy asks every second): netlink questions, not a dump."""
+        ...
+
+    def sync(self, state: ProxyState, changed: set[ServicePortName] | None) -> dict[str, int]:
+        """Make the kernel hold `state` in one atomic write where the kernel allows. changed=None:
+        a full sync; else only these Service ports changed since the last successful sync.
+        Returns the rules (or elements) programmed, per table, for kubeproxy_sync_proxy_rules_*.
+        Raises kernel.RulesFailed if the kernel refused the write; the next sync is then full."""
+        ...
+
+    def check(self, state: ProxyState) -> None:
+        """Raise kernel.RulesFailed if the state's full ruleset does not load; changes nothing
+        here (loads into a scratch namespace). kube-proxy bisects with it to find bad Services."""
+        ...
+
+    def dump(self) -> str:
+        """What this backend programmed, as the kernel holds it, in the kernel tools' own format
+        (`svclab rules` prints it). A debugging aid: may take seconds at 10,000 Services."""
+        ...
+
+    def cleanup(self) -> None:
+        """Remove everything this backend made (upstream's CleanupLeftovers)."""
+        ...
+
+
 def check_mode(mode: str) -> None:
     """Refuse, with the way out, a mode this kernel or this svclab cannot run."""
+    if mode not in MODES:
+        raise Unsupported(f"unknown proxy mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "ipvs":
         from testbed.proxy.ipvs import KernelLacksIpvs, check_kernel
         try:
@@ -21,16 +90,15 @@ def check_mode(mode: str) -> None:
         raise Unsupported(f"--proxy-mode {mode} is not implemented yet; use --proxy-mode iptables")
 
 
-def create(mode: str, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = (),
-           nodeport_addresses: tuple[str, ...] = ()):
-    """The backend for `mode`; node_ips: the node's addresses, nodeport_addresses: those of
-    them that accept NodePorts (empty: all)."""
+def backend_class(mode: str) -> type[ProxyBackend]:
     check_mode(mode)
     if mode == "nftables":
-        from testbed.proxy import nftables
         from testbed.proxy.nftables_backend import NftablesBackend
-        config = nftables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips,
-                                 nodeport_addresses=nodeport_addresses)
-        return NftablesBackend(cluster_cidr, node_name, node_ips, config)
+        return NftablesBackend
     from testbed.proxy.iptables_backend import IptablesBackend
-    return IptablesBackend(cluster_cidr, node_name, node_ips, nodeport_addresses)
+    return IptablesBackend
+
+
+def create(mode: str, settings: NodeSettings) -> ProxyBackend:
+    """The backend for `mode` (Unsupported if this machine or svclab cannot run it)."""
+    return backend_class(mode)(settings)

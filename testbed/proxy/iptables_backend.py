@@ -16,6 +16,7 @@ import logging
 import subprocess
 
 from testbed.proxy import iptables, kernel, nfnetlink
+from testbed.proxy.backends import NodeSettings
 from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
@@ -32,11 +33,10 @@ def _uses_nf_tables() -> bool:
 class IptablesBackend:
     name = "iptables"
 
-    def __init__(self, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = (),
-                 nodeport_addresses: tuple[str, ...] = ()) -> None:
-        self.config = iptables.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips,
-                                      nodeport_addresses=nodeport_addresses)
-        self.node_name = node_name
+    def __init__(self, settings: NodeSettings) -> None:
+        self.config = iptables.Config(cluster_cidr=settings.cluster_cidr or None, node_ips=settings.node_ips,
+                                      nodeport_addresses=settings.nodeport_addresses)
+        self.node_name = settings.node_name
         self._programmed: iptables.Programmed | None = None
         self._canary_ok = False
         self._nf_tables: bool | None = None  # iptables-nft: probe by netlink (found out at first use)

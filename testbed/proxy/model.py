@@ -29,11 +29,10 @@ from typing import Collection, Iterable, NamedTuple
 
 from google.protobuf.message import Message
 
-from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, parse_rfc3339
+from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, SERVICE_NAME_LABEL, parse_rfc3339
 from testbed.api.v1 import api_pb2 as pb
 
 # Label that ties an EndpointSlice to its Service (testbed.controllers.endpointslice writes it).
-SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, the API default for sessionAffinity ClientIP
 # Failure injection: a Service annotated `svclab.io/fault: invalid-rules` gets one rule the
 # kernel refuses (a jump to a chain that does not exist), to watch kube-proxy isolate it.

@@ -14,6 +14,7 @@ import subprocess
 
 from testbed.proxy import kernel, nfnetlink
 from testbed.proxy import nftables as nft
+from testbed.proxy.backends import NodeSettings
 from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
@@ -22,10 +23,10 @@ log = logging.getLogger("svclab.kube-proxy")
 class NftablesBackend:
     name = "nftables"
 
-    def __init__(self, cluster_cidr: str, node_name: str, node_ips: tuple[str, ...] = (),
-                 config: nft.Config | None = None) -> None:
-        self.config = config or nft.Config(cluster_cidr=cluster_cidr or None, node_ips=node_ips)
-        self.node_name = node_name
+    def __init__(self, settings: NodeSettings) -> None:
+        self.config = nft.Config(cluster_cidr=settings.cluster_cidr or None, node_ips=settings.node_ips,
+                                 nodeport_addresses=settings.nodeport_addresses)
+        self.node_name = settings.node_name
         self._programmed: nft.Programmed | None = None  # None: the kernel's content is unknown
         self._table_handle: int | None = None
         self.last_script = ""  # the last script applied or attempted (for logs and tests)

@@ -27,6 +27,7 @@ from testbed.client.client import ApiClient
 from testbed.client.informer import Informer
 from testbed.component import run_component
 from testbed.proxy import conntrack, kernel
+from testbed.proxy.backends import ProxyBackend
 from testbed.proxy.healthcheck import HealthCheckServers
 from testbed.proxy.metrics import HealthState, ProxyMetrics, metrics_handler
 from testbed.proxy.model import ChangeTracker, ProxyState, ServicePortName
@@ -40,7 +41,7 @@ MONITOR_INTERVAL = 1.0  # how often to ask whether someone flushed our rules (up
 
 
 class ProxyServer:
-    def __init__(self, client: ApiClient, node_name: str, backend, min_sync_period: float,
+    def __init__(self, client: ApiClient, node_name: str, backend: ProxyBackend, min_sync_period: float,
                  full_sync_period: float = FULL_SYNC_PERIOD) -> None:
         self.client = client
         self.node_name = node_name
@@ -198,7 +199,8 @@ class ProxyServer:
             task.result()
 
 
-def run(address: str, token: str, node_name: str, backend, min_sync_period: float, metrics_address: str) -> None:
+def run(address: str, token: str, node_name: str, backend: ProxyBackend, min_sync_period: float,
+        metrics_address: str) -> None:
     servers: list[ProxyServer] = []
 
     async def work(client: ApiClient) -> None:

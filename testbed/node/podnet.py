@@ -75,7 +75,9 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-NETNS_DIR = "/run/netns"
+from testbed import naming
+
+NETNS_DIR = str(naming.NETNS_DIR)
 POD_IFNAME = "eth0"
 LINGER_TIMEOUT = 3.0  # seconds a removed pod's host veth may take to vanish with its namespace
 
@@ -152,7 +154,7 @@ def check_netns_name(name: str) -> str:
 
 
 def netns_path(name: str) -> str:
-    return os.path.join(NETNS_DIR, check_netns_name(name))
+    return naming.netns_path(check_netns_name(name))
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import sys
 from mininet.cli import CLI
 
 from testbed.client.client import ApiClient
-from testbed.runtime import naming
+from testbed import naming
 
 
 class ClusterShell(CLI):

@@ -16,14 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def starttime(pid: int) -> int | None:
-    """The process's start time in clock ticks; None if there is no such live process (zombies count as gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
+from testbed import naming
+from testbed.cluster.procfs import starttime
 
 
 @dataclass
@@ -79,7 +73,7 @@ class ProcessTable:
         if netns:
             # nsenter, not `ip netns exec`: that one also gives the process a mount
             # namespace of its own, where the pod namespaces it mounts would stay.
-            command = ["nsenter", f"--net=/run/netns/{netns}", "--", *command]
+            command = ["nsenter", f"--net={naming.netns_path(netns)}", "--", *command]
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""A paced HTTP load generator for the failover test and benchmark: `python -m testbed.loadgen URL`.
+"""A paced HTTP load generator for the failover test and benchmark: `python -m bench.loadgen URL`.
 
 Starts one request every 1/rate seconds (each on its own thread, so a hanging request
 never delays the next), each a new TCP connection bounded by --timeout, and prints one

@@ -12,7 +12,7 @@ import logging
 
 from os_ken.base import app_manager  # first: it sets up os-ken's configuration and hub
 
-from controller.lb_app import LoadBalancerApp, Settings
+from controller.osken_app import LoadBalancerApp, Settings
 
 
 def run(openflow_port: int, settings: Settings) -> None:

@@ -3,7 +3,7 @@
 `Cluster.start()` is what `svclab up` does, step by step with progress:
 the API server (root namespace, Unix socket), the Mininet network (nodes,
 router, client), the controller-manager, then a kubelet and a kube-proxy inside
-each node's namespace, the cloud load balancer (loadbalancer.py), the cluster
+each node's namespace, the cloud load balancer (cloud_lb.py), the cluster
 add-ons, and the user's manifests. `stop()` undoes it
 in reverse; `clean()` removes what a cluster whose processes died left behind.
 """
@@ -26,10 +26,12 @@ from testbed.client.client import ApiClient
 from testbed.api.v1 import api_pb2 as pb
 from testbed.manifests import load_paths
 from testbed.paths import StateDir
-from testbed.runtime import loadbalancer, naming, podnet, topology
-from testbed.runtime.config import ClusterConfig
-from testbed.runtime.processes import ProcessTable, stop_pids
-from testbed.runtime.routes import run_checked
+from testbed import naming
+from testbed.cluster import cloud_lb, net, netclean, topo
+from testbed.node import podnet
+from testbed.cluster.config import ClusterConfig
+from testbed.cluster.processes import ProcessTable, stop_pids
+from testbed.node.routes import run_checked
 
 Progress = Callable[[str], None]
 ADDONS = Path(__file__).resolve().parent.parent / "addons"
@@ -52,7 +54,7 @@ class Cluster:
         self.state = state
         self.progress = progress
         self.processes = ProcessTable(state.path)
-        self.network: topology.ClusterNetwork | None = None
+        self.network: net.ClusterNetwork | None = None
         self._attaching: concurrent.futures.Future | None = None
 
     # ------------------------------------------------------------ up
@@ -66,7 +68,7 @@ class Cluster:
                 raise ClusterError(str(exc)) from None
         if is_running(self.state):
             raise ClusterError(f'cluster "{self.config.name}" is already running (svclab down --name {self.config.name})')
-        leftovers = topology.find_leftovers(self.config.name)
+        leftovers = netclean.find_leftovers(self.config.name)
         if leftovers:
             raise ClusterError(f'cluster "{self.config.name}" left things behind; run `svclab clean --name '
                                f'{self.config.name}` first ({leftovers})')
@@ -120,8 +122,8 @@ class Cluster:
             time.sleep(0.02)
 
     def _start_network(self) -> None:
-        self.network = topology.ClusterNetwork(
-            topology.TopologyConfig(self.config.name, self.config.nodes, self.config.node_subnet,
+        self.network = net.ClusterNetwork(
+            topo.TopologyConfig(self.config.name, self.config.nodes, self.config.node_subnet,
                                     self.config.external_subnet),
             self.state.path,
         )
@@ -161,10 +163,10 @@ class Cluster:
         """Start its processes, and attach the edge bridge in the background as soon as os-ken
         listens (its start is a second or more of CPU on a busy 2-core machine): it overlaps
         the kubelets and kube-proxies starting and the nodes and pods getting Ready."""
-        port = loadbalancer.start(self.config, self.state.path, self.processes, self.network)
+        port = cloud_lb.start(self.config, self.state.path, self.processes, self.network)
         bridge = self.network.bridges["edge"]
         self._attaching = concurrent.futures.ThreadPoolExecutor(1).submit(
-            loadbalancer.attach, bridge, port, 30, self._check_processes)
+            cloud_lb.attach, bridge, port, 30, self._check_processes)
 
     def _attach_load_balancer(self) -> None:
         self._attaching.result()
@@ -257,12 +259,12 @@ def clean(cluster: str, state: StateDir) -> list[str]:
     stop_pids(alive, timeout=5)
     removed += [f"process {r.name} ({r.pid})" for r in alive]
     prefix = naming.pod_netns_prefix(cluster)
-    for path in sorted(Path(podnet.NETNS_DIR).glob(prefix + "*")):
+    for path in sorted(naming.NETNS_DIR.glob(prefix + "*")):
         podnet.remove_netns(path.name)
         removed.append(f"netns {path.name}")
     for path in sorted(Path("/etc/netns").glob(prefix + "*")):
         shutil.rmtree(path, ignore_errors=True)
-    result = topology.clean(cluster, state.path)
+    result = netclean.clean(cluster, state.path)
     removed += [f"process {pid}" for pid in result.killed] + [f"bridge {b}" for b in result.bridges]
     removed += [f"interface {i}" for i in result.interfaces] + [f"netns {n}" for n in result.netns]
     if state.path.exists():

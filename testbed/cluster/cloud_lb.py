@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from controller.table import Table
-from testbed.runtime.config import ClusterConfig
-from testbed.runtime.processes import ProcessTable
-from testbed.runtime.routes import run_checked
-from testbed.runtime.topology import EDGE_OFPORT_GW, ClusterNetwork
+from testbed.cloud.lb_table import Table
+from testbed.cluster.config import ClusterConfig
+from testbed.cluster.processes import ProcessTable
+from testbed.node.routes import run_checked
+from testbed.cluster.net import ClusterNetwork
+from testbed.cluster.topo import EDGE_OFPORT_GW
 
 CLOUD_CONTROLLER = "cloud-controller"
 LB_CONTROLLER = "lb-controller"

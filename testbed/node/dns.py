@@ -21,10 +21,11 @@ from typing import Callable, ContextManager
 
 from dnslib import QTYPE, RCODE, RR, SOA, SRV, A, DNSRecord
 
+from testbed.api.meta import SERVICE_NAME_LABEL
 from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer
-from testbed.runtime.workload import open_listener
+from testbed.node.workload import open_listener
 
 DNS_IMAGE = "svclab/coredns"
 TTL = 5
@@ -59,7 +60,7 @@ class ClusterRecords:
         out = []
         for eps in self.slices.items():
             if (eps.metadata.namespace == svc.metadata.namespace
-                    and eps.metadata.labels.get("kubernetes.io/service-name") == svc.metadata.name):
+                    and eps.metadata.labels.get(SERVICE_NAME_LABEL) == svc.metadata.name):
                 for ep in eps.endpoints:
                     if not ep.conditions.HasField("ready") or ep.conditions.ready:
                         out += list(ep.addresses)

@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from testbed.paths import check_cluster_name
+from testbed.naming import check_cluster_name
+from testbed.proxy.backends import MODES
 
-PROXY_MODES = ("iptables", "nftables", "ipvs")
 
 
 class ConfigError(ValueError):
@@ -113,8 +113,8 @@ class ClusterConfig:
                 raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
         if self.lb_idle_timeout < 1:
             raise ConfigError(f"loadBalancer.idleTimeout: {self.lb_idle_timeout}s: must be at least 1s")
-        if self.proxy_mode not in PROXY_MODES:
-            raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(PROXY_MODES)}")
+        if self.proxy_mode not in MODES:
+            raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(MODES)}")
         try:
             a, b = (int(x) for x in self.node_port_range.split("-"))
             assert 0 < a <= b <= 65535

@@ -20,7 +20,7 @@ from testbed.cloud.feed import TableFeed
 from testbed.cloud.health import HealthChecker, HealthSettings, Target
 from testbed.cloud.ipam import Pool
 from testbed.component import run_component
-from controller.table import PROTOCOLS, LoadBalancer, Port, Table
+from testbed.cloud.lb_table import PROTOCOLS, LoadBalancer, Port, Table
 
 log = logging.getLogger("svclab.cloud")
 CONDITION = "IPAllocated"

@@ -1,7 +1,7 @@
 """The kubelet: registers its node, heartbeats, and runs the pods bound to it.
 
 It runs inside its node's network namespace. For each pod it makes a network
-namespace joined to the node's cni0 bridge (runtime/podnet), takes the next
+namespace joined to the node's cni0 bridge (node/podnet.py), takes the next
 free address of the node's pod CIDR, starts the pod's workload (the built-in
 server, or the container's command as an unprivileged process), probes
 readiness and writes the pod's status. It also routes every other node's pod
@@ -31,9 +31,10 @@ from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer, WorkQueue, run_worker
 from testbed.component import run_component
-from testbed.runtime import naming, podnet, routes
-from testbed.runtime.dns import DNS_IMAGE, ClusterRecords, DnsServer
-from testbed.runtime.workload import BuiltinServer, PodIdentity
+from testbed import naming
+from testbed.node import podnet, routes
+from testbed.node.dns import DNS_IMAGE, ClusterRecords, DnsServer
+from testbed.node.workload import BuiltinServer, PodIdentity
 
 log = logging.getLogger("svclab.kubelet")
 
@@ -384,7 +385,7 @@ class Kubelet:
         await self.pods.synced.wait()
         for pod in self.pods.items():  # adopt pods from before a restart
             netns = naming.pod_netns(self.config.cluster, pod.metadata.uid)
-            if Path(podnet.netns_path(netns)).exists():
+            if Path(naming.netns_path(netns)).exists():
                 self.bridge.remove_pod(netns, naming.pod_host_ifname(pod.metadata.uid))
         self.clean_orphans()
         log.info("node %s ready: pod CIDR %s", self.config.node_name, self.pod_cidr)

@@ -22,9 +22,9 @@ from os_ken.lib import hub
 from os_ken.lib.packet import ipv4, packet, tcp, udp
 from os_ken.ofproto import ofproto_v1_3
 
-from controller import flows, openflow
+from controller import flows, osken_messages
 from controller.balancer import Balancer, Change
-from controller.table import Table
+from testbed.cloud.lb_table import Table
 
 log = logging.getLogger("svclab.lb")
 
@@ -39,12 +39,12 @@ class Settings:
 
 class LoadBalancerApp(app_manager.OSKenApp):
     OFP_VERSIONS = [ofproto_v1_3.OFP_VERSION]
-    settings: Settings | None = None  # set by controller.main before os-ken instantiates the app
+    settings: Settings | None = None  # set by controller.launch before os-ken instantiates the app
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         s = self.settings
-        assert s is not None, "controller.main sets LoadBalancerApp.settings"
+        assert s is not None, "controller.launch sets LoadBalancerApp.settings"
         self.balancer = Balancer(s.gw_port, s.gw_mac, s.idle_timeout)
         self.lock = threading.RLock()
         self.dp = None
@@ -99,7 +99,7 @@ class LoadBalancerApp(app_manager.OSKenApp):
             if self._stats is None or msg.datapath is not self.dp:
                 return
             for stat in msg.body:
-                self._stats.append((stat.cookie, openflow.match_dict(stat.match), openflow.actions_of(stat.instructions)))
+                self._stats.append((stat.cookie, osken_messages.match_dict(stat.match), osken_messages.actions_of(stat.instructions)))
             if not msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE:
                 self._try_sync()
 
@@ -136,12 +136,12 @@ class LoadBalancerApp(app_manager.OSKenApp):
     @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
     def _flow_removed(self, ev) -> None:
         with self.lock:
-            self.balancer.flow_removed(ev.msg.cookie, openflow.match_dict(ev.msg.match))
+            self.balancer.flow_removed(ev.msg.cookie, osken_messages.match_dict(ev.msg.match))
 
     def _send(self, changes: list[Change]) -> None:
         if self.dp is None:
             return
         for change in changes:
-            self.dp.send_msg(openflow.message(self.dp, change))
+            self.dp.send_msg(osken_messages.message(self.dp, change))
 
 
