@@ -1,7 +1,8 @@
 # svclab: install, test and demo entry points.
 #
 #   make setup        install Debian packages, .venv, start Open vSwitch (idempotent)
-#   make test         setup, then pytest (extra args: make test PYTEST_ARGS='-k foo -x')
+#   make test         setup, then pytest: every tier (extra args: make test PYTEST_ARGS='-k foo -x')
+#   make test-unit    the unit tier alone: pure tests, no root, no kernel, seconds (needs .venv)
 #   make demo         setup, then `svclab demo`
 #   make bench        setup, then the API server benchmark
 #   make protos       regenerate the gRPC/protobuf stubs from protos/
@@ -18,7 +19,9 @@ export PYTEST_ARGS
 
 ROOT_TARGETS := setup test demo bench
 
-.PHONY: $(ROOT_TARGETS) protos clean-venv
+UNIT_TIER := unit and not kernel and not cluster
+
+.PHONY: $(ROOT_TARGETS) test-unit protos clean-venv
 
 ifneq ($(shell id -u),0)
 
@@ -43,6 +46,10 @@ bench: setup
 	$(PY) -m bench.apiserver
 
 endif
+
+test-unit:
+	@test -x $(PY) || { echo "no $(VENV): run 'make setup' first" >&2; exit 1; }
+	$(PY) -m pytest -q -m "$(UNIT_TIER)" $(PYTEST_ARGS)
 
 protos:
 	@test -x $(PY) || { echo "no $(VENV): run 'make setup' first" >&2; exit 1; }

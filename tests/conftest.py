@@ -21,6 +21,14 @@ from testbed.client.client import ApiClient
 from testbed.paths import StateDir
 
 REPO = Path(__file__).resolve().parent.parent
+TIERS = ("unit", "kernel", "cluster")  # pyproject.toml describes them; `make test-unit` runs the first
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to a tier: a module's pytestmark, or its own mark (the more demanding wins)."""
+    untiered = [item.nodeid for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(untiered)}")
 
 
 def run(coro):

@@ -11,6 +11,8 @@ from tests.builders import service
 from tests.conftest import REPO, run
 from testbed.manifests import load_paths
 
+pytestmark = pytest.mark.unit
+
 SEED = str(REPO / "scenarios/manifests/seed")
 
 

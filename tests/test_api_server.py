@@ -12,6 +12,8 @@ from testbed.api.v1 import api_pb2 as pb
 from tests.builders import deployment, node, obj, service
 from tests.conftest import run
 
+pytestmark = pytest.mark.unit
+
 
 def test_crud_for_every_kind(apiserver):
     async def scenario():

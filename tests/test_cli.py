@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.unit
 
 SEED = str(REPO / "scenarios/manifests/seed")
 

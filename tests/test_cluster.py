@@ -20,6 +20,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.cluster
+
 SEED = str(REPO / "scenarios/manifests/seed")
 
 

@@ -11,10 +11,14 @@ import asyncio
 import ipaddress
 import time
 
+import pytest
+
 from testbed.api.errors import Conflict, NotFound
 from testbed.api.meta import now_rfc3339, parse_rfc3339
 from tests.builders import deployment, node, service
 from tests.conftest import run
+
+pytestmark = pytest.mark.unit
 
 
 class NodeAgents:

@@ -20,6 +20,8 @@ import pytest
 from tests.conftest import REPO
 from tests.test_cluster import LabCluster, cluster_name, leftovers
 
+pytestmark = pytest.mark.cluster
+
 SEED = REPO / "scenarios/manifests/seed"
 NODES = ("172.18.0.2", "172.18.0.3", "172.18.0.4")
 CLIENT = "203.0.113.2"

@@ -14,6 +14,8 @@ from testbed.cloud.lb_table import LoadBalancer, Port, Table
 from testbed.cloud.ipam import Pool
 from testbed.cluster.config import ClusterConfig, ConfigError
 
+pytestmark = pytest.mark.unit
+
 NODES = ("172.18.0.2", "172.18.0.3", "172.18.0.4")
 GW_MAC = "32:b3:fd:5c:dd:16"
 

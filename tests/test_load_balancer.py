@@ -28,6 +28,8 @@ from testbed.cluster.processes import ProcessTable
 from tests.conftest import REPO
 from tests.test_cluster import LabCluster, cluster_name, leftovers
 
+pytestmark = pytest.mark.cluster
+
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
 CLIENT = "203.0.113.2"
 POOL = [f"203.0.113.{i}" for i in range(100, 105)]

@@ -22,7 +22,7 @@ from testbed.node.podnet import (
     NETNS_DIR, NodeBridge, PodNetworkError, check_ifname, check_netns_name, entered_netns, remove_netns,
 )
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 
 PREFIX = f"pntest{os.getpid()}"
 CIDR = "10.244.1.0/24"

@@ -31,9 +31,9 @@ from testbed.proxy.nftables_backend import NftablesBackend
 from tests.netns import ask, inside, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft", "iptables-restore")),
-    reason="needs root, ip, nft and iptables-restore (network namespaces)")
+    reason="needs root, ip, nft and iptables-restore (network namespaces)")]
 netns = netns_fixture("pxb")
 BACKENDS = pytest.mark.parametrize("backend_class", [IptablesBackend, NftablesBackend], ids=["iptables", "nftables"])
 
@@ -53,7 +53,7 @@ def test_check_loads_into_a_scratch_namespace(netns, backend_class):
     state = ProxyState.from_objects(*golden_objects(), NODE)
     bad = spn("ns1", "svc1")
     state.services[bad] = dataclasses.replace(state.services[bad], invalid_rule=True)
-    backend = backend_class(CLUSTER_CIDR, NODE, (NODE_IP,))
+    backend = backend_class(backends.NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
     with inside(node):
         with pytest.raises(kernel.RulesFailed, match="svclab-fault-no-such-chain"):
             backend.check(state)
@@ -99,6 +99,23 @@ def received(sock: socket.socket) -> tuple[str, str, int]:
 
 
 @BACKENDS
+def test_dump_shows_what_sync_programmed_and_cleanup_removes_it(netns, backend_class):
+    """`svclab rules` prints backend.dump(): the Service's rules are in it after a sync, and
+    neither they nor anything of kube-proxy's are left after cleanup()."""
+    node = netns.add("node")
+    backend = backend_class(backends.NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
+    with inside(node):
+        assert "10.96.0.11" not in backend.dump()
+        backend.sync(ProxyState.from_objects(*golden_objects(), NODE), None)
+        dumped = backend.dump()
+        backend.cleanup()
+        after = backend.dump() if backend_class is IptablesBackend else ""
+    assert "10.96.0.11" in dumped and "10.244.1.2" in dumped  # svc1's ClusterIP and one endpoint
+    assert "ns1/svc1" in dumped  # iptables: rule comments; nftables: chain names
+    assert "10.96.0.11" not in after and kube_rules_in(node) == ""
+
+
+@BACKENDS
 def test_sctp_service_dnats_real_sctp_packets(netns, backend_class):
     node, pod, ext = netns.add("node"), netns.add("pod"), netns.add("ext")
     run(["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])  # the node namespace's own
@@ -111,7 +128,7 @@ def test_sctp_service_dnats_real_sctp_packets(netns, backend_class):
     service = svc("default", "diameter", CLUSTER_IP, type="NodePort", ports=[
         {"name": "sig", "port": PORT, "targetPort": PORT, "protocol": "SCTP", "nodePort": NODE_PORT}])
     endpoints = eps("default", "diameter", [(POD_IP, NODE)], ports=[{"name": "sig", "port": PORT, "protocol": "SCTP"}])
-    backend = backend_class(CLUSTER_CIDR, NODE, (NODE_IP,))
+    backend = backend_class(backends.NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
     with inside(node):
         backend.sync(ProxyState.from_objects([service], [endpoints], NODE), None)
 

@@ -39,6 +39,8 @@ from tests.builders import obj
 from tests.netns import ask, inside, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc, tracked
 
+pytestmark = pytest.mark.unit
+
 CONFIG = nft.Config(cluster_cidr=CLUSTER_CIDR, node_ips=(NODE_IP,))
 
 
@@ -538,9 +540,16 @@ def test_render_at_10k_services():
 
 # ------------------------------------------------------------------ real kernel
 
-needs_kernel = pytest.mark.skipif(
+_kernel_here = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
     reason="needs root, ip and nft (network namespaces)")
+
+
+def needs_kernel(test):
+    """The kernel tier: root and the tools, in namespaces of its own."""
+    return pytest.mark.kernel(_kernel_here(test))
+
+
 netns = netns_fixture("nft")
 
 

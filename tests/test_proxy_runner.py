@@ -8,6 +8,8 @@ import pytest
 
 from testbed.proxy.runner import BoundedFrequencyRunner
 
+pytestmark = pytest.mark.unit
+
 
 async def _nothing() -> None:
     pass

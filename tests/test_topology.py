@@ -28,6 +28,8 @@ from testbed.cluster.netclean import clean, find_leftovers, lock_path
 from testbed.cluster.topo import Names, TopologyConfig
 from testbed.naming import check_cluster_name as validate_cluster_name
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -46,10 +48,15 @@ def _ovs_running() -> bool:
         return False
 
 
-needs_testbed = pytest.mark.skipif(
+_testbed_here = pytest.mark.skipif(
     os.geteuid() != 0 or not _mininet_importable() or not _ovs_running(),
     reason="needs root, Debian's Mininet importable and Open vSwitch running (make setup)",
 )
+
+
+def needs_testbed(test):
+    """The kernel tier: root, Mininet and Open vSwitch (a network, no cluster)."""
+    return pytest.mark.kernel(_testbed_here(test))
 
 
 def unique_name(suffix: str = "") -> str:

@@ -8,6 +8,8 @@ from testbed.api.errors import ApiError
 from tests.builders import deployment, obj, service
 from tests.conftest import run
 
+pytestmark = pytest.mark.unit
+
 NODE_PORT_RANGE = "provided port is not in the valid range. The range of valid ports is 30000-32767"
 
 SERVICE_CASES = [

@@ -10,6 +10,8 @@ from testbed.api.errors import Expired
 from tests.builders import service
 from tests.conftest import run
 
+pytestmark = pytest.mark.unit
+
 
 async def collect(client, count: int, timeout: float = 10, **watch_args) -> list:
     out = []
