@@ -21,7 +21,7 @@ from typing import Callable
 
 from testbed.cloud.lb_table import Table
 from testbed.cluster.config import ClusterConfig
-from testbed.cluster.processes import ProcessTable
+from testbed.cluster.supervisor import Supervisor
 from testbed.node.routes import run_checked
 from testbed.cluster.net import ClusterNetwork
 from testbed.cluster.topo import EDGE_OFPORT_GW
@@ -36,7 +36,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(config: ClusterConfig, state_dir: Path, processes: ProcessTable, network: ClusterNetwork) -> int:
+def start(config: ClusterConfig, state_dir: Path, processes: Supervisor, network: ClusterNetwork) -> int:
     """Start both processes; returns the OpenFlow port for attach(). os-ken takes a second or two to import."""
     common = ["--state-dir", str(state_dir), "--name", config.name]
     processes.start(CLOUD_CONTROLLER, [

@@ -31,6 +31,7 @@ from testbed.cluster import cloud_lb, net, netclean, topo
 from testbed.node import podnet
 from testbed.cluster.config import ClusterConfig
 from testbed.cluster.processes import ProcessTable, stop_pids
+from testbed.cluster.supervisor import RESTARTING, Supervisor
 from testbed.node.routes import run_checked
 
 Progress = Callable[[str], None]
@@ -54,6 +55,7 @@ class Cluster:
         self.state = state
         self.progress = progress
         self.processes = ProcessTable(state.path)
+        self.supervisor = Supervisor(self.processes, state.path)
         self.network: net.ClusterNetwork | None = None
         self._attaching: concurrent.futures.Future | None = None
 
@@ -76,6 +78,7 @@ class Cluster:
         self.state.path.mkdir(parents=True, mode=0o700)
         started = time.monotonic()
         try:
+            self.supervisor.run_in_background()
             self._start_apiserver()  # it starts up (imports, opens its store) while the network is built
             self._step(f"network: {self.config.nodes} nodes, router, client", self._start_network)
             self._step("API server", self._wait_apiserver)
@@ -109,7 +112,7 @@ class Cluster:
         self.progress(f"  {what} ({time.monotonic() - t0:.1f} s)")
 
     def _start_apiserver(self) -> None:
-        self.processes.start("apiserver", [
+        self.supervisor.start("apiserver", [
             "apiserver", "--state-dir", str(self.state.path), "--service-cidr", self.config.service_subnet,
             "--node-port-range", self.config.node_port_range,
         ])
@@ -138,21 +141,21 @@ class Cluster:
         run_checked(["ip", "netns", "exec", self.network.netns(node), *argv])
 
     def _start_controller_manager(self) -> None:
-        self.processes.start("controller-manager", [
+        self.supervisor.start("controller-manager", [
             "--state-dir", str(self.state.path), "controller-manager", "--cluster-cidr", self.config.pod_subnet,
             "--node-monitor-grace-period", str(self.config.node_monitor_grace_period),
         ])
 
     def _start_kubelets(self) -> None:
         for node, ip in self.network.node_ips.items():
-            self.processes.start(f"kubelet-{node}", [
+            self.supervisor.start(f"kubelet-{node}", [
                 "--state-dir", str(self.state.path), "--name", self.config.name, "kubelet",
                 "--node-name", node, "--node-ip", ip, "--dns-ip", self.config.dns_ip,
             ], netns=self.network.netns(node))
 
     def _start_kube_proxies(self) -> None:
         for node in self.network.node_ips:
-            self.processes.start(f"kube-proxy-{node}", [
+            self.supervisor.start(f"kube-proxy-{node}", [
                 "--state-dir", str(self.state.path), "--name", self.config.name, "kube-proxy",
                 "--node-name", node, "--proxy-mode", self.config.proxy_mode,
                 "--cluster-cidr", self.config.pod_subnet, "--min-sync-period", str(self.config.min_sync_period),
@@ -163,7 +166,7 @@ class Cluster:
         """Start its processes, and attach the edge bridge in the background as soon as os-ken
         listens (its start is a second or more of CPU on a busy 2-core machine): it overlaps
         the kubelets and kube-proxies starting and the nodes and pods getting Ready."""
-        port = cloud_lb.start(self.config, self.state.path, self.processes, self.network)
+        port = cloud_lb.start(self.config, self.state.path, self.supervisor, self.network)
         bridge = self.network.bridges["edge"]
         self._attaching = concurrent.futures.ThreadPoolExecutor(1).submit(
             cloud_lb.attach, bridge, port, 30, self._check_processes)
@@ -215,14 +218,18 @@ class Cluster:
             await asyncio.sleep(0.05)
 
     def _check_processes(self) -> None:
-        for name, recorded in self.processes.load().items():
-            if not recorded.alive():
-                raise ClusterError(f"{name} exited (its log: {name}.log)")
+        """While the cluster starts, a component that exits is an error (it would only crash-loop)."""
+        for component in self.supervisor.status():
+            if component["restarts"] or component["state"] == RESTARTING:
+                last = "; ".join(component["lastError"][-2:])
+                raise ClusterError(f"{component['name']} {component['lastExit'] or 'exited'} while the cluster "
+                                   f"started (its log: {component['name']}.log): {last}")
 
     # ------------------------------------------------------------ down
 
     def stop(self) -> None:
         """Stop everything this cluster started: node components, control plane, network, files."""
+        self.supervisor.shutdown()  # nothing restarts from here on
         table = self.processes.load()
         node_parts = ("kubelet-", "kube-proxy-")
         stop_pids([r for n, r in table.items() if n.startswith(node_parts)])  # kubelets stop their pods

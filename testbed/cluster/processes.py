@@ -110,7 +110,7 @@ def stop_pids(processes: list[Recorded], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        _reap()
+        _reap([p.pid for p in alive])
         alive = [p for p in alive if p.alive()]
     for p in alive:
         _signal(p.pid, signal.SIGKILL)
@@ -123,10 +123,12 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _reap() -> None:
-    """Collect exited children of this process (a foreground `svclab up` is their parent)."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+def _reap(pids: list[int]) -> None:
+    """Collect those of the pids that are exited children of this process (a foreground
+    `svclab up` is their parent). Only these: a waitpid(-1) would take other children's exit
+    statuses from the Popen objects (and the supervisor) that wait for them."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
             pass
-    except ChildProcessError:
-        pass

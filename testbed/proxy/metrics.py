@@ -59,6 +59,7 @@ class HealthState:
         self.timeout = timeout
         self.last_updated = 0.0
         self.last_queued = 0.0
+        self.last_error = ""  # why the last sync failed; "" after a sync that succeeded
 
     def queued(self) -> None:
         if self.last_queued <= self.last_updated:
@@ -66,6 +67,10 @@ class HealthState:
 
     def updated(self) -> None:
         self.last_updated = time.time()
+        self.last_error = ""
+
+    def failed(self, error: str) -> None:
+        self.last_error = error[:500]
 
     def healthy(self, now: float) -> bool:
         if self.last_updated == 0.0:
@@ -78,6 +83,7 @@ class HealthState:
         body = json.dumps({
             "lastUpdated": _iso(self.last_updated), "currentTime": _iso(now),
             "nodeEligible": True,
+            "lastSyncError": self.last_error,  # svclab's: "" when the last sync succeeded
         }).encode()
         return (200 if self.healthy(now) else 503), body
 
@@ -86,8 +92,10 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else ""
 
 
-def metrics_handler(metrics: ProxyMetrics, health: HealthState):
+def metrics_handler(metrics: ProxyMetrics, health: HealthState, mode: str = ""):
     def handle(_method: str, path: str, _client) -> tuple[int, str, bytes]:
+        if path.startswith("/proxyMode"):  # upstream serves the mode here too
+            return 200, "text/plain", mode.encode()
         if path.startswith("/metrics"):
             return 200, CONTENT_TYPE_LATEST, metrics.exposition()
         if path.startswith("/healthz") or path.startswith("/livez"):

@@ -65,8 +65,14 @@ class NftablesBackend:
         kernel.check_in_scratch_netns(["nft", "-f", "-"], nft.render(state, None, None, self.config).script)
 
     def dump(self) -> str:
-        """The table as the kernel holds it (seconds at 10,000 Services: a debugging aid)."""
-        return kernel.run(["nft", "list", "table", nft.FAMILY, nft.TABLE])
+        """The table as the kernel holds it, "" if there is none (seconds at 10,000 Services:
+        a debugging aid)."""
+        try:
+            return kernel.run(["nft", "list", "table", nft.FAMILY, nft.TABLE])
+        except kernel.RulesFailed as exc:
+            if "No such file or directory" in exc.output:
+                return ""
+            raise
 
     def cleanup(self) -> None:
         """Delete the table and everything in it (upstream's CleanupLeftovers)."""

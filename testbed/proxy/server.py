@@ -115,6 +115,7 @@ class ProxyServer:
             if not isinstance(exc, kernel.RulesFailed):
                 log.error("sync failed (%s sync): %s", "full" if full else "partial", exc)
                 self.metrics.sync_errors.inc()
+            self.health.failed(str(exc))
             self._needs_full = True  # what changed is in the state: a full sync writes it
             asyncio.get_running_loop().call_later(RETRY_AFTER_FAILURE, self.runner.request)
             return
@@ -187,7 +188,7 @@ class ProxyServer:
     async def run(self, metrics_address: str = "") -> None:
         if metrics_address:
             host, _, port = metrics_address.rpartition(":")
-            await simplehttp.serve(metrics_handler(self.metrics, self.health), host, int(port))
+            await simplehttp.serve(metrics_handler(self.metrics, self.health, self.backend.name), host, int(port))
         tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices)]
         await self.services.synced.wait()
         await self.slices.synced.wait()
