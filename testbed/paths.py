@@ -36,6 +36,16 @@ class StateDir:
     def database(self) -> Path:
         return self.path / "state.db"
 
+    @property
+    def up_log(self) -> Path:
+        """The log of a detached `svclab up` (beside the state directory, which a start wipes)."""
+        return self.path.parent / f"{self.path.name}-up.log"
+
+    @property
+    def ready_file(self) -> Path:
+        """Touched by a detached `svclab up` once the cluster serves."""
+        return self.path.parent / f"{self.path.name}.ready"
+
     def read_token(self) -> str:
         return self.token_file.read_text().strip()
 

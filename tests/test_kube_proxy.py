@@ -448,9 +448,7 @@ spec:
             time.sleep(0.05)
         table = ProcessTable(lab.state)
         old = table.load()["kube-proxy-node1"]
-        os.kill(old.pid, signal.SIGKILL)
-        time.sleep(0.5)
-        table.restart("kube-proxy-node1")  # as `svclab up` started it; `down` stops it
+        os.kill(old.pid, signal.SIGKILL)  # supervision starts it again, as `svclab up` started it
         deadline = time.monotonic() + 20
         while True:
             r = lab.exec("node1", "curl", "-s", "--max-time", "2", f"http://{NODES[0]}:10249/healthz")
@@ -493,7 +491,7 @@ def test_api_server_unreachable_nodes_keep_their_rules_and_resync(lab):
     names = {p["metadata"]["name"] for p in frontend_pods(lab)}
     get_json(lab, "client", f"http://{NODES[1]}:30007/")
     table = ProcessTable(lab.state)
-    os.kill(table.load()["apiserver"].pid, signal.SIGKILL)
+    lab.svclab("stop", "apiserver", check=True)  # down until started: supervision would bring it back
     try:
         assert lab.svclab("get", "svc").returncode != 0  # it is really gone
         ends = time.monotonic() + 4
@@ -507,7 +505,7 @@ def test_api_server_unreachable_nodes_keep_their_rules_and_resync(lab):
                          f"http://{NODES[i]}:10249/healthz")
             assert r.stdout == "200"  # nothing is pending: healthy
     finally:  # back, as `svclab up` started it: same state directory, same store
-        table.restart("apiserver")
+        lab.svclab("start", "apiserver", check=True)
     deadline = time.monotonic() + 20
     while lab.svclab("get", "svc").returncode != 0:
         assert time.monotonic() < deadline

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -378,14 +376,13 @@ def test_controller_restart_keeps_established_connections_and_relearns(lab, web)
     try:
         assert holder.stdout.readline().strip() == "open"
         processes = ProcessTable(lab.state)
-        for name in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER):
-            os.kill(processes.load()[name].pid, signal.SIGKILL)
-        time.sleep(1)
+        for name in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER):  # kept down: supervision would restart them
+            lab.svclab("stop", name, check=True)
         assert not any(processes.load()[n].alive() for n in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER))
         holder.stdin.write("a\n")  # no controller at all: the switch still carries the connection
         assert json.loads(holder.stdout.readline())["pod"].startswith("web-")
         for name in (cloud_lb.CLOUD_CONTROLLER, cloud_lb.LB_CONTROLLER):
-            processes.restart(name)
+            lab.svclab("start", name, check=True)
         deadline = time.monotonic() + 20
         while not cloud_lb.connected(f"{lab.name}-edge"):
             assert time.monotonic() < deadline

@@ -16,8 +16,6 @@ from testbed.cli.printers import service_external_ip
 from testbed.cluster.config import ClusterConfig, ConfigError
 from testbed.proxy.backends import MODES
 
-READY_FILE = "ready"
-
 
 @click.command()
 @click.option("--nodes", type=int, default=None, help="Number of nodes (default 3).")
@@ -43,6 +41,9 @@ def up(ctx: click.Context, nodes: int | None, proxy_mode: str | None, files: tup
     if config.name != target.name:
         from testbed.cli.common import make_target
         target = make_target(config.name, None, target.state.path.parent)
+    from testbed.cluster.lifecycle import is_running
+    if is_running(target.state):  # before anything is touched: its log, its state
+        fail(f'cluster "{config.name}" is already running (svclab down --name {config.name})')
     from testbed.manifests import ManifestInvalid, load_paths
     try:
         manifests = load_paths(list(files)).objects if files else []
@@ -97,10 +98,8 @@ def _up_detached(target: Target, up_argv: list[str]) -> None:
     import subprocess
 
     argv = ["--name", target.name, "--state-root", str(target.state.path.parent), *up_argv]
-    log_dir = target.state.path.parent
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{target.name}-up.log"
-    ready = log_dir / f"{target.name}.{READY_FILE}"
+    target.state.path.parent.mkdir(parents=True, exist_ok=True)
+    log_path, ready = target.state.up_log, target.state.ready_file
     ready.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "testbed", *argv], stdin=subprocess.DEVNULL, stdout=log,
@@ -173,8 +172,18 @@ def down(target: Target) -> None:
         deadline = time.monotonic() + 60
         while supervisor.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-    removed = clean(target.name, target.state)
+    removed = clean(target.name, target.state) + _remove_up_files(target)
     click.echo(f"cluster \"{target.name}\" deleted" if removed or supervisor else f"no cluster \"{target.name}\"")
+
+
+def _remove_up_files(target: Target) -> list[str]:
+    """A detached `svclab up`'s log and ready file (kept by a failed start, for the user to read)."""
+    removed = []
+    for path in (target.state.up_log, target.state.ready_file):
+        if path.exists():
+            path.unlink()
+            removed.append(f"file {path}")
+    return removed
 
 
 @click.command(name="clean")
@@ -185,7 +194,7 @@ def clean_cmd(target: Target) -> None:
 
     if is_running(target.state):
         fail(f"cluster \"{target.name}\" is running; use `svclab down --name {target.name}`")
-    removed = clean(target.name, target.state)
+    removed = clean(target.name, target.state) + _remove_up_files(target)
     for item in removed:
         click.echo(f"removed {item}")
     if not removed:

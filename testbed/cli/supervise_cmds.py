@@ -31,7 +31,7 @@ def _ask(target: Target, request: dict[str, Any]) -> dict[str, Any]:
 
 def _control(verb: str):
     @click.command(name=verb)
-    @click.argument("component", type=click.Choice(COMPONENTS))
+    @click.argument("component", type=click.Choice(COMPONENTS), metavar="COMPONENT")
     @click.option("--node", default=None, help="Only this node's kubelet or kube-proxy (default: every node's).")
     @pass_target
     def command(target: Target, component: str, node: str | None) -> None:
@@ -83,7 +83,7 @@ def _apiserver_health(target: Target) -> dict[str, Any]:
 
     async def probe() -> dict[str, Any]:
         async with ApiClient.for_state_dir(target.state) as client:
-            _, revision = await client.list("Namespace")
+            _, revision = await client.list("Node")
             return {"healthy": True, "revision": revision}
 
     if not target.state.api_socket.exists():
@@ -111,7 +111,7 @@ def _proxy_sync(target: Target, name: str, node: str) -> dict[str, Any] | None:
         body = json.load(exc)
         body["overdue"] = True
     except (OSError, ValueError) as exc:
-        return {"ok": False, "error": f"no answer: {exc}"}
+        return {"ok": False, "answered": False, "error": f"no answer ({exc})"}
     error = body.get("lastSyncError", "")
     return {"ok": not error and not body.get("overdue"), "lastUpdated": body.get("lastUpdated", ""),
             "error": error or ("a requested sync is overdue" if body.get("overdue") else "")}
@@ -133,7 +133,9 @@ def _state(item: dict[str, Any]) -> str:
 def _sync_text(sync: dict[str, Any] | None) -> str:
     if sync is None:
         return ""
-    return f"ok at {sync['lastUpdated']}" if sync["ok"] else f"FAILED: {sync['error'][:60]}"
+    if sync["ok"]:
+        return f"ok at {sync['lastUpdated']}"
+    return "no answer yet" if sync.get("answered") is False else f"FAILED: {sync['error'][:60]}"
 
 
 @click.command()

@@ -2,7 +2,7 @@
 
 Each process is recorded with its start time (from /proc) so that a pid the
 kernel has since given to another program is never signalled, and with how it
-was started, so that it can be started again the same way (`restart`).
+was started. Restarting is the supervisor's job (supervisor.py).
 """
 
 from __future__ import annotations
@@ -81,25 +81,6 @@ class ProcessTable:
             )
         self.record(name, proc.pid, argv, netns)
         return proc
-
-    def restart(self, name: str, timeout: float = 10.0) -> subprocess.Popen:
-        """Stop `name` if it runs and start it again exactly as start() did (e.g. after a kill -9 in a test)."""
-        recorded = self.load().get(name)
-        if recorded is None or recorded.argv is None:
-            raise KeyError(f"no process {name!r} started by this table")
-        stop_pids([recorded], timeout)
-        return self.start(name, recorded.argv, recorded.netns)
-
-    def stop(self, name: str, timeout: float = 10.0) -> None:
-        recorded = self.load().get(name)
-        if recorded is not None:
-            stop_pids([recorded], timeout)
-            self.forget(name)
-
-    def stop_all(self, timeout: float = 10.0) -> None:
-        stop_pids(list(self.load().values()), timeout)
-        for name in self.load():
-            self.forget(name)
 
 
 def stop_pids(processes: list[Recorded], timeout: float = 10.0) -> None:

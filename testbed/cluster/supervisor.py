@@ -113,7 +113,7 @@ class Supervisor:
         with self._lock:
             component = Supervised(name, argv, netns)
             self._components[name] = component
-            self._spawn(component)
+            self._spawn(component, time.monotonic())
             assert component.proc is not None
             return component.proc
 
@@ -194,7 +194,7 @@ class Supervisor:
             component.wanted = True
             component.backoff = BACKOFF_FIRST
             if component.proc is None or component.proc.poll() is not None:
-                self._spawn(component)
+                self._spawn(component, time.monotonic())
 
     def _restart(self, component: Supervised) -> None:
         self._stop(component)
@@ -221,7 +221,7 @@ class Supervisor:
                     changed = True
                 elif component.next_start is not None and now >= component.next_start and component.wanted:
                     component.restarts += 1
-                    self._spawn(component)
+                    self._spawn(component, now)
                     changed = True
         if changed:
             self._changed()
@@ -241,10 +241,10 @@ class Supervisor:
         component.last_error = self._log_tail(component.name)
         component.proc = None
 
-    def _spawn(self, component: Supervised) -> None:
+    def _spawn(self, component: Supervised, now: float) -> None:
         component.proc = self.processes.start(component.name, component.argv, component.netns)
         component.state = RUNNING
-        component.started_at, component.started_mono = time.time(), time.monotonic()
+        component.started_at, component.started_mono = time.time(), now
         component.next_start = None
 
     def _log_tail(self, name: str) -> list[str]:
