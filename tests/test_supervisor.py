@@ -126,3 +126,22 @@ def test_control_socket_answers_and_refuses_bad_requests_changing_nothing(tmp_pa
         sup.shutdown()
         sup._stop(sup._components["apiserver"])
     assert not (sup.state_dir / "supervisor.sock").exists()
+
+
+def test_logs_are_bounded_and_rotated_while_the_component_keeps_writing(tmp_path):
+    sup = make(tmp_path)
+    sup.log_max_bytes = 64 * 1024
+    proc = sup.start("apiserver", good_argv(tmp_path))
+    log = sup.processes.logs / "apiserver.log"
+    with open(log, "ab") as f:  # as if it had logged a lot
+        f.write(b"old line\n" * 20_000)
+    assert sup.rotate_logs() == ["apiserver"]
+    assert log.stat().st_size < 1024 and (log.parent / "apiserver.log.1").stat().st_size > 64 * 1024
+    assert sup.rotate_logs() == []  # under the bound now
+    # It goes on writing at the new end (no hole of zeros): its stdout and stderr append.
+    for fd in (1, 2):
+        assert os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(log)
+        flags = int(next(line.split()[1] for line in open(f"/proc/{proc.pid}/fdinfo/{fd}")
+                         if line.startswith("flags:")), 8)
+        assert flags & os.O_APPEND
+    sup._stop(sup._components["apiserver"])

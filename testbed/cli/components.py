@@ -28,7 +28,7 @@ def apiserver(state_dir: Path, listen: str, service_cidr: str, node_port_range: 
         PortAllocator.parse(node_port_range)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    run(state_dir, listen, service_cidr, node_port_range, watch_history)
+    run(state_dir.resolve(), listen, service_cidr, node_port_range, watch_history)
 
 
 def _api_options(fn):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socketserver
 import subprocess
@@ -39,6 +40,8 @@ BACKOFF_RESET_AFTER = 10.0  # a run this long starts the back-off over
 TICK = 0.05
 LOG_TAIL_LINES = 5
 STOP_TIMEOUT = 10.0  # SIGTERM, then SIGKILL
+LOG_MAX_BYTES = 20 * 1024 * 1024  # a component's log beyond this is rotated (one old copy kept)
+LOG_CHECK_PERIOD = 1.0
 RUNNING, RESTARTING, STOPPED = "RUNNING", "RESTARTING", "STOPPED"
 #: What `svclab stop|start|restart COMPONENT` accepts (node components take --node).
 COMPONENTS = ("apiserver", "controller-manager", "cloud-controller", "lb-controller", "kubelet", "kube-proxy")
@@ -105,6 +108,8 @@ class Supervisor:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: socketserver.UnixStreamServer | None = None
+        self.log_max_bytes = LOG_MAX_BYTES
+        self._next_log_check = 0.0
         self.on_change: Callable[[], None] = lambda: None
 
     # ---- what the cluster's start calls ------------------------------------------------------
@@ -225,6 +230,29 @@ class Supervisor:
                     changed = True
         if changed:
             self._changed()
+        if now >= self._next_log_check:
+            self._next_log_check = now + LOG_CHECK_PERIOD
+            self.rotate_logs()
+
+    def rotate_logs(self) -> list[str]:
+        """Bound every component's log: past log_max_bytes it is copied to <name>.log.1 and
+        truncated in place (components write with O_APPEND, so they go on at the new end; lines
+        written between the copy and the truncation are lost, as with logrotate's copytruncate)."""
+        rotated = []
+        with self._lock:
+            names = list(self._components)
+        for name in names:
+            path = self.processes.logs / f"{name}.log"
+            try:
+                if path.stat().st_size <= self.log_max_bytes:
+                    continue
+                shutil.copyfile(path, path.with_name(path.name + ".1"))
+                os.truncate(path, 0)
+            except OSError as exc:
+                log.warning("rotating %s: %s", path, exc)
+                continue
+            rotated.append(name)
+        return rotated
 
     def _schedule_restart(self, component: Supervised, now: float) -> None:
         if now - component.started_mono >= BACKOFF_RESET_AFTER:
