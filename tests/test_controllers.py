@@ -1,8 +1,22 @@
-"""The controller-manager process against a real API server.
+"""The controller-manager process alone, against a real API server.
 
-The kubelet's side (heartbeats, pod IPs and readiness) is played here by
-`NodeAgents`, through the same API calls a kubelet makes; the runtime issue's
-end-to-end tests use the real kubelet.
+These tests are of the controller-manager, not of the kubelet: no node network, no pods
+running. `NodeAgents` plays the kubelet's part through exactly the API calls a kubelet makes
+(Node heartbeats as status updates, a pod's IP, phase and Ready condition, finishing a
+terminating pod with a grace-0 delete), because each test needs to control that part in
+ways a real kubelet won't be told to: a node that stops its heartbeats at a chosen moment
+while the others go on, a pod that turns unready on request, a terminating pod that nobody
+finishes, pods that become ready at once so a rollout's every step is seen, 101 pods on a
+machine without 101 namespaces. They run without root (the unit tier).
+
+The same controllers with the real kubelet (pods as namespaces, readiness probes, heartbeats
+from kubelet processes, real deletions) are tested end to end in tests/test_cluster.py:
+Deployment pods spread over nodes and serving (test_up_runs_the_seed_deployment_on_real_namespaces),
+a deleted pod replaced (test_deleted_pod_namespace_goes_...), readiness probes gating Ready,
+a node whose kubelet stops going NotReady and its pods leaving the endpoints, then garbage
+collection of its terminating pod and the Deployment's replacement on another node
+(test_node_failure_...), and a rolling update within maxSurge / maxUnavailable with the
+Service answering throughout (test_rollout_with_the_real_kubelet_...).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ class NodeAgents:
         self.client = client
         self.alive = set(names)
         self.ready_pods = True
+        self.finish_deletions = True  # False: terminating pods stay (a kubelet still in its grace period)
 
     async def register(self, names):
         for i, name in enumerate(sorted(names)):
@@ -46,7 +61,8 @@ class NodeAgents:
             if pod.spec.node_name not in self.alive:
                 continue
             if pod.metadata.deletion_timestamp:
-                await self._ignore(self.client.delete("Pod", pod.metadata.name, pod.metadata.namespace, 0))
+                if self.finish_deletions:
+                    await self._ignore(self.client.delete("Pod", pod.metadata.name, pod.metadata.namespace, 0))
                 continue
             if pod.status.pod_ip or not nodes[pod.spec.node_name].spec.pod_cidr:
                 continue
@@ -317,4 +333,155 @@ def test_services_without_selector_keep_user_slices(apiserver, controller_manage
             await asyncio.sleep(2)
             slices, _ = await c.list("EndpointSlice")
             assert [s.metadata.name for s in slices] == ["external-1"]
+    run(scenario())
+
+
+def test_a_slice_holds_100_endpoints_the_101st_goes_to_a_second_one(apiserver, controller_manager):
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b"])
+            await agents.register(agents.alive)
+            await c.create(service("web", ports=[{"name": "http", "port": 80, "targetPort": 8080}]))
+            await c.create(deployment("web", replicas=101))
+
+            async def ready(n):
+                async def check():
+                    return len(await slice_addresses(c)) == n
+                return check
+
+            async def slices():
+                items, _ = await c.list("EndpointSlice", label_selector="kubernetes.io/service-name=web")
+                return items
+
+            await agents.run_until(await ready(101), timeout=60)
+            items = await slices()
+            assert sorted(len(s.endpoints) for s in items) == [1, 100]
+            addresses = [a for s in items for e in s.endpoints for a in e.addresses]
+            assert sorted(addresses) == sorted(p.status.pod_ip for p in await active_pods(c))  # each pod once
+            assert all([(p.name, p.port) for p in s.ports] == [("http", 8080)] for s in items)
+            assert all(s.metadata.owner_references[0].name == "web" for s in items)
+
+            await update_with_retry(c, "Deployment", "web", lambda d: setattr(d.spec, "replicas", 100))
+
+            async def one_full_slice():
+                items = await slices()
+                return len(items) == 1 and len(items[0].endpoints) == 100 and len(await active_pods(c)) == 100
+
+            await agents.run_until(one_full_slice, timeout=30)  # 100 fit in one: the second slice goes
+    run(scenario())
+
+
+def rolling_deployment(name: str, replicas: int, image: str, max_surge, max_unavailable):
+    from tests.builders import obj
+    return obj({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "strategy": {"type": "RollingUpdate",
+                              "rollingUpdate": {"maxSurge": max_surge, "maxUnavailable": max_unavailable}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": 8080}]}]}}},
+    })
+
+
+async def watch_rollout(c, label: str, done, started: asyncio.Event) -> tuple[int, int]:
+    """(most active pods, fewest ready active pods) at any revision of a rollout: a list, then a
+    watch of every pod event since: exact, however fast the pods come and go."""
+    from testbed.controllers.base import pod_is_active, pod_is_ready
+    items, start = await c.list("Pod", label_selector=label)
+    pods = {p.metadata.name: p for p in items}
+    most, fewest = 0, None
+    started.set()
+    async for item in c.watch(kind="Pod", resource_version=start, label_selector=label):
+        if item.type == "BOOKMARK":
+            continue
+        if item.type == "DELETED":
+            pods.pop(item.obj.metadata.name, None)
+        else:
+            pods[item.obj.metadata.name] = item.obj
+        active = [p for p in pods.values() if pod_is_active(p)]
+        most = max(most, len(active))
+        ready = sum(pod_is_ready(p) for p in active)
+        fewest = ready if fewest is None else min(fewest, ready)
+        if done(active):
+            return most, fewest
+    raise AssertionError("watch ended")
+
+
+@pytest.mark.parametrize("replicas, surge, unavailable, most", [
+    (4, 1, 0, 5),  # one new pod at a time, none of the old ones before it is ready
+    (4, "50%", 0, 6),  # 50 % of 4: two above desired
+    (10, "25%", "25%", 13),  # the defaults: ceil(2.5) = 3 above, floor(2.5) = 2 below
+])
+def test_rollout_honours_max_surge_and_max_unavailable(apiserver, controller_manager, replicas, surge, unavailable, most):
+    """Every pod event of the rollout is replayed from a watch: at no revision are there more
+    than replicas + maxSurge pods (and the surge is used), nor fewer ready than replicas - maxUnavailable."""
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b"])
+            await agents.register(agents.alive)
+            await c.create(rolling_deployment("web", replicas, "v1", surge, unavailable))
+
+            async def rolled(image):
+                pods = await active_pods(c)
+                return len(pods) == replicas and all(p.spec.containers[0].image == image and p.status.pod_ip
+                                                     and p.status.conditions for p in pods)
+
+            await agents.run_until(lambda: rolled("v1"))
+            done = lambda active: len(active) == replicas and all(
+                p.spec.containers[0].image == "v2" and p.status.pod_ip for p in active)
+            started = asyncio.Event()
+            watcher = asyncio.create_task(watch_rollout(c, "app=web", done, started))
+            await started.wait()
+            await update_with_retry(c, "Deployment", "web",
+                                    lambda d: setattr(d.spec.template.spec.containers[0], "image", "v2"))
+            deadline = time.monotonic() + 30
+            while not watcher.done():
+                assert time.monotonic() < deadline, "rollout did not finish"
+                await agents.tick()
+                await asyncio.sleep(0.1)
+            seen_most, seen_fewest = await watcher
+            assert seen_most == most, (seen_most, most)
+            floor = replicas - (unavailable if isinstance(unavailable, int) else int(unavailable.rstrip("%")) * replicas // 100)
+            assert seen_fewest >= floor, (seen_fewest, floor)
+    run(scenario())
+
+
+def test_terminating_pods_on_a_node_that_is_not_ready_are_force_deleted(apiserver, controller_manager):
+    """Pod GC, as upstream's: a terminating pod on a NotReady node (no kubelet will finish it) and
+    a pod bound to a node that no longer exists are deleted; a terminating pod on a Ready node
+    is left to its kubelet."""
+    async def scenario():
+        async with apiserver.client() as c:
+            agents = NodeAgents(c, ["node-a", "node-b", "node-c"])
+            await agents.register(agents.alive)
+            await c.create(deployment("web", replicas=6))
+
+            async def six_ready():
+                pods = await active_pods(c)
+                return len(pods) == 6 and all(p.status.pod_ip for p in pods) and \
+                    {p.spec.node_name for p in pods} == {"node-a", "node-b", "node-c"}
+
+            await agents.run_until(six_ready)
+            pods = await active_pods(c)
+            on = {n: [p.metadata.name for p in pods if p.spec.node_name == n] for n in ("node-a", "node-b", "node-c")}
+            agents.finish_deletions = False  # node-a's kubelet is slow to finish: its pod stays terminating
+            agents.alive.discard("node-b")  # node-b goes silent
+
+            async def b_not_ready():
+                return (await c.get("Node", "node-b")).status.conditions[0].status == "Unknown"
+
+            await agents.run_until(b_not_ready)
+            for name in (on["node-a"][0], on["node-b"][0]):
+                await c.delete("Pod", name)  # graceful: a deletionTimestamp, the kubelet would finish
+            agents.alive.discard("node-c")
+            await c.delete("Node", "node-c")  # its pods are bound to a node that is gone
+
+            async def collected():
+                names = {p.metadata.name for p in (await c.list("Pod"))[0]}
+                return on["node-b"][0] not in names and not set(on["node-c"]) & names
+
+            await agents.run_until(collected)
+            left = {p.metadata.name: p for p in (await c.list("Pod"))[0]}
+            assert left[on["node-a"][0]].metadata.deletion_timestamp  # Ready node: left to its kubelet
+            assert on["node-b"][1] in left and not left[on["node-b"][1]].metadata.deletion_timestamp  # not terminating: kept
     run(scenario())

@@ -27,7 +27,7 @@ from testbed.api.v1 import api_pb2 as pb
 from testbed.manifests import load_paths
 from testbed.paths import StateDir
 from testbed import naming
-from testbed.cluster import cloud_lb, net, netclean, topo
+from testbed.cluster import cloud_lb, net, netclean, procfs, topo
 from testbed.node import podnet
 from testbed.cluster.config import ClusterConfig
 from testbed.cluster.processes import ProcessTable, stop_pids
@@ -266,7 +266,14 @@ def clean(cluster: str, state: StateDir) -> list[str]:
     stop_pids(alive, timeout=5)
     removed += [f"process {r.name} ({r.pid})" for r in alive]
     prefix = naming.pod_netns_prefix(cluster)
-    for path in sorted(naming.NETNS_DIR.glob(prefix + "*")):
+    pod_netns = sorted(naming.NETNS_DIR.glob(prefix + "*"))
+    # Pod commands run in their own session: a kubelet killed with -9 leaves them running,
+    # and once their namespace is unmounted nothing could find them any more.
+    inodes = {ino for ino in (procfs.ns_inode(str(path)) for path in pod_netns) if ino is not None}
+    killed = [pid for pid in procfs.processes_in_netns(inodes) if procfs.kill(pid)] if inodes else []
+    procfs.wait_gone(killed)
+    removed += [f"process {pid}" for pid in killed]
+    for path in pod_netns:
         podnet.remove_netns(path.name)
         removed.append(f"netns {path.name}")
     for path in sorted(Path("/etc/netns").glob(prefix + "*")):
