@@ -25,9 +25,9 @@ import pytest
 from testbed.proxy import backends, nodeaddrs
 
 from testbed.proxy import kernel
-from testbed.proxy.iptables_backend import IptablesBackend
+from testbed.proxy.iptables.backend import IptablesBackend
 from testbed.proxy.model import ProxyState
-from testbed.proxy.nftables_backend import NftablesBackend
+from testbed.proxy.nftables.backend import NftablesBackend
 from tests.netns import ask, inside, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc
 

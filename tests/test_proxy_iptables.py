@@ -581,7 +581,7 @@ def test_packets_through_the_rules(netns):
 @needs_kernel
 def test_kernel_backend_notices_flushed_or_deleted_chains_and_repairs(netns):
     from testbed.proxy.backends import NodeSettings
-    from testbed.proxy.iptables_backend import CANARY, IptablesBackend
+    from testbed.proxy.iptables.backend import CANARY, IptablesBackend
     from testbed.node.podnet import entered_netns
 
     node = netns.add("node")

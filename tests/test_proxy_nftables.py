@@ -34,7 +34,7 @@ from testbed.proxy import nftables as nft
 from testbed.proxy.model import Endpoint, ProxyState, ServicePort, ServicePortName
 from testbed.proxy.nfnetlink import chain_rule_count, table_handle
 from testbed.proxy.backends import NodeSettings
-from testbed.proxy.nftables_backend import NftablesBackend
+from testbed.proxy.nftables.backend import NftablesBackend
 from tests.builders import obj
 from tests.netns import ask, inside, link, netns_fixture, run, serve
 from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, golden_objects, spn, svc, tracked

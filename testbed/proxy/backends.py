@@ -93,9 +93,9 @@ def check_mode(mode: str) -> None:
 def backend_class(mode: str) -> type[ProxyBackend]:
     check_mode(mode)
     if mode == "nftables":
-        from testbed.proxy.nftables_backend import NftablesBackend
+        from testbed.proxy.nftables.backend import NftablesBackend
         return NftablesBackend
-    from testbed.proxy.iptables_backend import IptablesBackend
+    from testbed.proxy.iptables.backend import IptablesBackend
     return IptablesBackend
 
 

@@ -7,7 +7,7 @@ someone deleted the tables' chains behind kube-proxy's back, and forces a full
 resync. Beyond upstream, a flush that keeps the chains (`iptables -t nat -F`)
 is noticed too: KUBE-MARK-MASQ (nat) and KUBE-FORWARD (filter) always hold
 rules. With iptables-nft (the nf_tables variant, as here) these are netlink
-questions of ~1 ms (nfnetlink.py); with iptables-legacy, `iptables -S` runs.
+questions of ~1 ms (proxy/nfnetlink.py); with iptables-legacy, `iptables -S` runs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 It keeps what it programmed (nftables.Programmed) to compute the next partial sync, and
 forgets it when a write fails, so the next sync replaces the table. needs_full_sync() asks the
-kernel two small netlink questions (nfnetlink.py) instead of listing the table: is
+kernel two small netlink questions (proxy/nfnetlink.py) instead of listing the table: is
 `ip kube-proxy` still the table this backend made (its handle), and does mark-for-masquerade
 still hold its rule (a `flush table` or `flush ruleset` by someone else empties it).
 """
