@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from bench.common import REPO, RESULTS, percentile, print_table
 from testbed import naming
@@ -457,8 +458,51 @@ async def paced_latency(state: StateDir, count: int, rate: float, timeout: float
 
 
 def bench_scale(root: Path, nodes: int, per_node: int, timeout: float, paced: int = 40, rate: float = 10) -> dict:
-    name = "bnscale"
     replicas = nodes * per_node
+    run = _scale_run(root, "bnscale", nodes, replicas, timeout, paced, rate)
+    times = _pod_times(run.watched, replicas)
+    _print_scale(run, times, nodes, per_node, replicas, paced, rate)
+    return {
+        "nodes": nodes, "pods_per_node": per_node, "replicas": replicas, "up_wall_s": run.up_wall,
+        "up_steps_s": run.steps, "down_and_clean_s": run.down_s,
+        "timed_out": run.watched["timed_out"], "pods_ready_at_end": run.ready, "pods_at_end": run.total,
+        "apply_to_all_ready_s": times["all_ready_s"], "goal_all_ready_s": GOAL_ALL_READY_S,
+        "pss_gib": run.pss_gib, "rss_gib": run.rss_gib, "goal_memory_gib": GOAL_MEMORY_GIB,
+        # Includes what PSS does not (kernel: namespaces, veths, sockets; OVS) and whatever
+        # else the machine did meanwhile: indicative only on a shared machine.
+        "machine_mem_available_drop_gib": run.available_drop_gib,
+        "create_to_ready_ms": {**_percentiles(times["lat"]), "max": max(times["lat"], default=0)},
+        "goal_p50_ms": GOAL_P50_MS,
+        "apply_to_ready_ms": _percentiles(times["from_apply"]), "created_to_bound_ms": _percentiles(times["bind"]),
+        "bound_to_ip_ms": _percentiles(times["bound_to_ip"]), "ip_to_ready_ms": _percentiles(times["ip_to_ready"]),
+        "apply_to_last_created_ms": times["last_created_ms"],
+        "paced": {"pods": paced, "per_s": rate, "ready": len(run.paced_lat),
+                  "create_to_ready_ms": _percentiles(run.paced_lat)},
+        "memory_idle": run.mem_idle, "memory_ready": run.memory,
+        "cpu_s_apply_to_ready": {g: {"user": u, "system": k} for g, (u, k) in run.cpu.items()},
+    }
+
+
+class _ScaleRun(NamedTuple):
+    """What one scale run measured (up, apply and watch, memory and CPU by group, teardown)."""
+
+    up_wall: float
+    steps: dict[str, float]
+    watched: dict
+    memory: dict[str, dict[str, float]]
+    mem_idle: dict[str, dict[str, float]]
+    pss_gib: float  # all cluster processes, when all are Ready
+    rss_gib: float
+    cpu: dict[str, tuple[float, float]]  # (user, system) seconds from the apply to all Ready
+    available_drop_gib: float
+    ready: int
+    total: int
+    paced_lat: list[float]
+    down_s: float
+
+
+def _scale_run(root: Path, name: str, nodes: int, replicas: int, timeout: float, paced: int, rate: float) -> _ScaleRun:
+    """Up, apply `replicas` pods and watch them become Ready, then paced pods; always torn down."""
     state = StateDir(root / name)
     available_before = mem_available_kib()
     try:
@@ -478,7 +522,16 @@ def bench_scale(root: Path, nodes: int, per_node: int, timeout: float, paced: in
         t_down = time.perf_counter()
         teardown(root, name)
         down_s = time.perf_counter() - t_down
+    cpu = {g: (cpu_after[g][0] - cpu_before.get(g, (0, 0))[0], cpu_after[g][1] - cpu_before.get(g, (0, 0))[1])
+           for g in cpu_after}
+    pss_gib, rss_gib = (sum(g[kind] for g in memory.values()) / 1024 for kind in ("pss_mib", "rss_mib"))
+    return _ScaleRun(up_wall, steps, watched, memory, mem_idle, pss_gib, rss_gib, cpu, available_drop_gib, ready,
+                     total, paced_lat, down_s)
 
+
+def _pod_times(watched: dict, replicas: int) -> dict:
+    """The burst's per-pod latencies in ms: lat (created, i.e. ADDED, -> Ready), from_apply, bind (created ->
+    bound), bound_to_ip, ip_to_ready; all_ready_s (apply -> all Ready, NaN if not all were), last_created_ms."""
     t_apply, pods = watched["t_apply"], watched["pods"]
     readies = [p["ready"] for p in pods.values() if "ready" in p]
     all_ready_s = (max(readies) - t_apply) if len(readies) >= replicas else float("nan")
@@ -488,63 +541,53 @@ def bench_scale(root: Path, nodes: int, per_node: int, timeout: float, paced: in
     bound_to_ip = [(p["ip"] - p["bound"]) * 1000 for p in pods.values() if "ip" in p and "bound" in p]
     ip_to_ready = [(p["ready"] - p["ip"]) * 1000 for p in pods.values() if "ready" in p and "ip" in p]
     added = sorted(p["added"] for p in pods.values())
-    pss_gib = sum(g["pss_mib"] for g in memory.values()) / 1024
-    rss_gib = sum(g["rss_mib"] for g in memory.values()) / 1024
+    last_created_ms = (added[-1] - t_apply) * 1000 if added else None
+    return {"all_ready_s": all_ready_s, "lat": lat, "from_apply": from_apply, "bind": bind, "bound_to_ip": bound_to_ip,
+            "ip_to_ready": ip_to_ready, "last_created_ms": last_created_ms}
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+
+
+def _p50_p99(values: list[float]) -> str:
+    return f"{percentile(values, 50):.0f} / {percentile(values, 99):.0f} ms"
+
+
+def _print_scale(run: _ScaleRun, times: dict, nodes: int, per_node: int, replicas: int, paced: int,
+                 rate: float) -> None:
+    memory, pss_gib, rss_gib = run.memory, run.pss_gib, run.rss_gib
+    lat, all_ready_s, paced_lat, timed_out = times["lat"], times["all_ready_s"], run.paced_lat, run.watched["timed_out"]
     label = f"{nodes} nodes x {per_node} pods ({replicas} pods)"
     rows = [
-        [f"apply -> all {replicas} Ready", f"{all_ready_s:.1f} s" + (" (TIMED OUT)" if watched["timed_out"] else ""),
+        [f"apply -> all {replicas} Ready", f"{all_ready_s:.1f} s" + (" (TIMED OUT)" if timed_out else ""),
          f"<= {GOAL_ALL_READY_S:.0f} s", "met" if all_ready_s <= GOAL_ALL_READY_S else "MISSED"],
         ["memory of all cluster processes, PSS (RSS)", f"{pss_gib:.2f} GiB ({rss_gib:.2f} GiB)",
          f"<= {GOAL_MEMORY_GIB:.0f} GiB", "met" if pss_gib <= GOAL_MEMORY_GIB else "MISSED"],
         ["per-pod create -> Ready p50 (the burst)", f"{percentile(lat, 50):.0f} ms", f"<= {GOAL_P50_MS:.0f} ms",
          "met" if percentile(lat, 50) <= GOAL_P50_MS else "MISSED"],
         ["per-pod create -> Ready p99 (the burst)", f"{percentile(lat, 99):.0f} ms", "", ""],
-        ["apply -> pod Ready p50 / p99", f"{percentile(from_apply, 50):.0f} / {percentile(from_apply, 99):.0f} ms",
-         "", ""],
-        ["apply -> last pod created (ADDED)", f"{(added[-1] - t_apply) * 1000:.0f} ms" if added else "-", "", ""],
-        ["  created -> bound p50 / p99", f"{percentile(bind, 50):.0f} / {percentile(bind, 99):.0f} ms", "", ""],
-        ["  bound -> pod IP written p50 / p99",
-         f"{percentile(bound_to_ip, 50):.0f} / {percentile(bound_to_ip, 99):.0f} ms", "", ""],
-        ["  pod IP -> Ready p50 / p99", f"{percentile(ip_to_ready, 50):.0f} / {percentile(ip_to_ready, 99):.0f} ms",
-         "", ""],
-        [f"`up --detach` with {nodes} nodes, no pods", f"{up_wall:.2f} s", "", ""],
-        [f"`down` + `clean` with {replicas + paced + 2} pods", f"{down_s:.1f} s", "", ""],
+        ["apply -> pod Ready p50 / p99", _p50_p99(times["from_apply"]), "", ""],
+        ["apply -> last pod created (ADDED)",
+         f"{times['last_created_ms']:.0f} ms" if times["last_created_ms"] is not None else "-", "", ""],
+        ["  created -> bound p50 / p99", _p50_p99(times["bind"]), "", ""],
+        ["  bound -> pod IP written p50 / p99", _p50_p99(times["bound_to_ip"]), "", ""],
+        ["  pod IP -> Ready p50 / p99", _p50_p99(times["ip_to_ready"]), "", ""],
+        [f"`up --detach` with {nodes} nodes, no pods", f"{run.up_wall:.2f} s", "", ""],
+        [f"`down` + `clean` with {replicas + paced + 2} pods", f"{run.down_s:.1f} s", "", ""],
         [f"paced: {paced} more pods, ~{rate:.0f}/s, once all are Ready: create -> Ready p50 / p99",
-         f"{percentile(paced_lat, 50):.0f} / {percentile(paced_lat, 99):.0f} ms ({len(paced_lat)} Ready)", "", ""],
+         f"{_p50_p99(paced_lat)} ({len(paced_lat)} Ready)", "", ""],
     ]
     print_table(f"\n### {label}", ["what", "measured", "goal", ""], rows)
     comp_rows = []
-    cpu = {g: (cpu_after[g][0] - cpu_before.get(g, (0, 0))[0], cpu_after[g][1] - cpu_before.get(g, (0, 0))[1])
-           for g in cpu_after}
     for g in sorted(memory):
-        user, system = cpu.get(g, (0.0, 0.0))
-        comp_rows.append([g, str(memory[g]["processes"]), f"{mem_idle.get(g, {}).get('pss_mib', 0):.0f}",
+        user, system = run.cpu.get(g, (0.0, 0.0))
+        comp_rows.append([g, str(memory[g]["processes"]), f"{run.mem_idle.get(g, {}).get('pss_mib', 0):.0f}",
                           f"{memory[g]['pss_mib']:.0f}", f"{memory[g]['rss_mib']:.0f}",
                           f"{user + system:.1f} ({user:.1f} + {system:.1f})"])
     print_table(f"\nPer component ({label}): memory before the apply and when all are Ready; CPU spent from "
                 "apply to all Ready", ["component", "processes", "PSS idle MiB", "PSS MiB", "RSS MiB",
                                        "CPU s (user + sys)"], comp_rows)
-    return {
-        "nodes": nodes, "pods_per_node": per_node, "replicas": replicas, "up_wall_s": up_wall, "up_steps_s": steps,
-        "down_and_clean_s": down_s,
-        "timed_out": watched["timed_out"], "pods_ready_at_end": ready, "pods_at_end": total,
-        "apply_to_all_ready_s": all_ready_s, "goal_all_ready_s": GOAL_ALL_READY_S,
-        "pss_gib": pss_gib, "rss_gib": rss_gib, "goal_memory_gib": GOAL_MEMORY_GIB,
-        # Includes what PSS does not (kernel: namespaces, veths, sockets; OVS) and whatever
-        # else the machine did meanwhile: indicative only on a shared machine.
-        "machine_mem_available_drop_gib": available_drop_gib,
-        "create_to_ready_ms": {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": max(lat, default=0)},
-        "goal_p50_ms": GOAL_P50_MS,
-        "apply_to_ready_ms": {"p50": percentile(from_apply, 50), "p99": percentile(from_apply, 99)},
-        "created_to_bound_ms": {"p50": percentile(bind, 50), "p99": percentile(bind, 99)},
-        "bound_to_ip_ms": {"p50": percentile(bound_to_ip, 50), "p99": percentile(bound_to_ip, 99)},
-        "ip_to_ready_ms": {"p50": percentile(ip_to_ready, 50), "p99": percentile(ip_to_ready, 99)},
-        "apply_to_last_created_ms": (added[-1] - t_apply) * 1000 if added else None,
-        "paced": {"pods": paced, "per_s": rate, "ready": len(paced_lat),
-                  "create_to_ready_ms": {"p50": percentile(paced_lat, 50), "p99": percentile(paced_lat, 99)}},
-        "memory_idle": mem_idle, "memory_ready": memory,
-        "cpu_s_apply_to_ready": {g: {"user": u, "system": k} for g, (u, k) in cpu.items()},
-    }
 
 
 def main() -> None:

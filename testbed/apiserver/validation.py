@@ -137,6 +137,15 @@ def metadata(meta: pb.ObjectMeta, namespaced: bool, name_rule=dns1123_subdomain)
 def validate_service(svc: pb.Service) -> list[FieldError]:
     errs = metadata(svc.metadata, True, dns1035_label)
     spec = svc.spec
+    errs += _service_type_and_ip(spec)
+    errs += _service_ports(spec)
+    errs += _service_policies(spec)
+    errs += _service_external_addresses(spec)
+    return errs
+
+
+def _service_type_and_ip(spec: pb.ServiceSpec) -> list[FieldError]:
+    errs = []
     if spec.type not in SERVICE_TYPES:
         errs.append(unsupported("spec.type", spec.type, SERVICE_TYPES))
     headless = spec.cluster_ip == "None"
@@ -146,6 +155,11 @@ def validate_service(svc: pb.Service) -> list[FieldError]:
         errs += ip_address("spec.clusterIPs[0]", spec.cluster_ip)
     if not spec.ports and not headless:
         errs.append(required("spec.ports"))
+    return errs
+
+
+def _service_ports(spec: pb.ServiceSpec) -> list[FieldError]:
+    errs = []
     names: set[str] = set()
     port_protocols: set[tuple[int, str]] = set()
     for i, port in enumerate(spec.ports):
@@ -167,6 +181,12 @@ def validate_service(svc: pb.Service) -> list[FieldError]:
             errs.append(forbidden(f"{path}.nodePort", "may not be used when `type` is 'ClusterIP'"))
         elif port.node_port:
             errs += port_number(f"{path}.nodePort", port.node_port)
+    return errs
+
+
+def _service_policies(spec: pb.ServiceSpec) -> list[FieldError]:
+    """Traffic policies and session affinity."""
+    errs = []
     external = spec.type in ("NodePort", "LoadBalancer")
     if spec.external_traffic_policy:
         if not external:
@@ -186,6 +206,12 @@ def validate_service(svc: pb.Service) -> list[FieldError]:
                                 f"must be greater than 0 and less than {MAX_AFFINITY_TIMEOUT}"))
     elif timeout_set:
         errs.append(forbidden("spec.sessionAffinityConfig", "must not be set when session affinity is None"))
+    return errs
+
+
+def _service_external_addresses(spec: pb.ServiceSpec) -> list[FieldError]:
+    """Source ranges, external and LoadBalancer IPs, the health-check node port."""
+    errs = []
     for i, cidr in enumerate(spec.load_balancer_source_ranges):
         try:
             ipaddress.IPv4Network(cidr, strict=False)

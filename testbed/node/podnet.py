@@ -8,18 +8,10 @@ pod end eth0 with the pod's address and a default route via the gateway.
 
 How, and why so (measured on the 2-core test machine; bench/podnet.py reproduces the totals):
 
-- No forks. In pyroute2 0.9.7 `netns.create()` forks a child to make the namespace (~10 ms)
-  and `IPRoute(netns=...)` / `NetNS(...)` fork one to open the socket inside it (~12 ms).
-  Here the calling thread does it: unshare(CLONE_NEWNET) plus a bind mount of
-  /proc/thread-self/ns/net on /run/netns/<pod> (what `ip netns add` does) costs ~0.5 ms, and
-  a netlink socket opened while the thread is inside a namespace stays bound to it after the
-  thread leaves. Network namespaces belong to threads, not processes, so this is safe in a
-  threaded kubelet; every entry restores the thread's own namespace in a finally block.
-- No event loop per request. pyroute2 0.9's IPRoute runs each call through asyncio (~0.3 ms
-  a request here, ~0.8 ms to open a handle) and silently opens a new socket, in whatever
-  namespace the thread is in, for each thread that uses a handle. Here pyroute2 only encodes
-  and decodes the messages (ifinfmsg, ifaddrmsg, rtmsg); `_Rtnl` sends them on a plain
-  NETLINK_ROUTE socket and reads the ack, under a lock, so one node handle serves any thread.
+- No forks (namespaces.py): the calling thread makes and enters namespaces itself, and a
+  netlink socket opened inside a namespace stays bound to it.
+- No event loop per request (rtnl.py): pyroute2 only encodes and decodes the messages; a
+  plain NETLINK_ROUTE socket under a lock serves every thread.
 - Few requests, no device moves. The veth is created with its peer already in the pod
   namespace and named eth0 (IFLA_NET_NS_FD inside VETH_INFO_PEER), and the host end is
   created enslaved to cni0 and up in the same RTM_NEWLINK. Moving a device between
@@ -58,33 +50,27 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import ipaddress
 import os
-import re
 import socket
-import struct
 import threading
 import time
-from typing import Iterator
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, nlmsg
+from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
 from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETADDR, RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from testbed import naming
+from testbed.node.namespaces import (NETNS_DIR, PodNetworkError, _create_mount_point, _entered, _fail, _new_netns,
+                                     _prepare_netns_dir, _remove_netns, _write_sysctls, check_ifname, check_netns_name,
+                                     entered_netns, netns_path, remove_netns)
+from testbed.node.rtnl import _link, _Rtnl
 
-NETNS_DIR = str(naming.NETNS_DIR)
 POD_IFNAME = "eth0"
 LINGER_TIMEOUT = 3.0  # seconds a removed pod's host veth may take to vanish with its namespace
 
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_NETNS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_IFNAME_MAX = 15  # IFNAMSIZ - 1
-_NETNS_NAME_MAX = 255  # a file name under /run/netns
 _BR_STATE_FORWARDING = 3  # IFLA_BRPORT_STATE
 
 _POD_SYSCTLS = (
@@ -95,285 +81,9 @@ _POD_SYSCTLS = (
 _NO_LINK_LOCAL = ("IFLA_AF_SPEC", {"attrs": [("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", 1)]})]})
 _BRPORT_HAIRPIN = ("IFLA_BRPORT_MODE", 1)
 
-_CLONE_NEWNET = 0x40000000
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_SHARED = 1 << 20
-_MNT_DETACH = 2
-_SOL_NETLINK = 270
-_NETLINK_CAP_ACK = 10
-_NETLINK_EXT_ACK = 11
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_NLM_F_CAPPED = 0x100
-_NLM_F_ACK_TLVS = 0x200
-_NLMSGERR_ATTR_MSG = 1
 _RT_TABLE_MAIN = 254
 _RTPROT_STATIC = 4
 _RTN_UNICAST = 1
-_NETLINK_TIMEOUT = 10.0
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-_netns_dir_ready = False
-_netns_dir_lock = threading.Lock()
-
-
-class PodNetworkError(OSError):
-    """A netlink request, syscall or sysctl failed; the message names the pod/interface and step."""
-
-
-def check_ifname(name: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"invalid interface name {name!r}: must be a non-empty string")
-    if len(name) > _IFNAME_MAX:
-        raise ValueError(
-            f"invalid interface name {name!r}: {len(name)} characters, Linux allows at most {_IFNAME_MAX}"
-        )
-    if not _IFNAME.match(name):
-        raise ValueError(
-            f"invalid interface name {name!r}: use letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def check_netns_name(name: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"invalid netns name {name!r}: must be a non-empty string")
-    if len(name) > _NETNS_NAME_MAX:
-        raise ValueError(f"invalid netns name {name[:20]!r}...: {len(name)} characters, at most {_NETNS_NAME_MAX}")
-    if not _NETNS_NAME.match(name):
-        raise ValueError(
-            f"invalid netns name {name!r}: use letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def netns_path(name: str) -> str:
-    return naming.netns_path(check_netns_name(name))
-
-
-@contextlib.contextmanager
-def entered_netns(name: str) -> Iterator[None]:
-    """Run the block with the calling thread inside the named namespace, e.g. to open sockets
-    there (they stay in it). Never await inside the block: the whole event loop would move."""
-    with _entered(netns_path(name), f"netns {name}"):
-        yield
-
-
-def remove_netns(name: str) -> None:
-    """Unmount and delete a named namespace; nothing happens if it is gone."""
-    _remove_netns(netns_path(name), f"netns {name}")
-
-
-def _fail(err: int, what: str) -> PodNetworkError:
-    return PodNetworkError(err, f"{what}: {os.strerror(err)}")
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        raise _fail(ctypes.get_errno(), what)
-
-
-def _setns_back(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise RuntimeError(f"cannot return thread to its network namespace: {os.strerror(err)}; the thread is unusable")
-
-
-@contextlib.contextmanager
-def _entered(path: str, what: str) -> Iterator[None]:
-    """Run the block with the calling thread inside the namespace at path."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        try:
-            target = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise _fail(e.errno, f"{what}: open {path}") from None
-        try:
-            _check(_libc.setns(target, _CLONE_NEWNET), f"{what}: setns({path})")
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns_back(own)
-    finally:
-        os.close(own)
-
-
-def _prepare_netns_dir() -> None:
-    """Make /run/netns a shared mount, as `ip netns add` does, so that namespace mounts made
-    later propagate into mount namespaces made from this one (e.g. by `ip netns exec`)."""
-    global _netns_dir_ready
-    if _netns_dir_ready:
-        return
-    with _netns_dir_lock:
-        if _netns_dir_ready:
-            return
-        os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
-        d = NETNS_DIR.encode()
-        if _libc.mount(b"none", d, None, _MS_SHARED | _MS_REC, None) != 0:
-            if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
-                raise _fail(ctypes.get_errno(), f"make {NETNS_DIR} a shared mount")
-            _check(_libc.mount(d, d, b"none", _MS_BIND | _MS_REC, None), f"bind-mount {NETNS_DIR} on itself")
-            _check(_libc.mount(b"none", d, None, _MS_SHARED | _MS_REC, None), f"make {NETNS_DIR} a shared mount")
-        _netns_dir_ready = True
-
-
-@contextlib.contextmanager
-def _new_netns(path: str, what: str) -> Iterator[int]:
-    """Create a namespace, bind it at path (which must exist as an empty file) and run the
-    block with the calling thread inside it; yields an fd of the new namespace."""
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        _check(_libc.unshare(_CLONE_NEWNET), f"{what}: unshare(CLONE_NEWNET)")
-        try:
-            _check(
-                _libc.mount(b"/proc/thread-self/ns/net", path.encode(), b"none", _MS_BIND, None),
-                f"{what}: bind-mount the new namespace on {path}",
-            )
-            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-            try:
-                yield fd
-            finally:
-                os.close(fd)
-        finally:
-            _setns_back(own)
-    finally:
-        os.close(own)
-
-
-def _remove_netns(path: str, what: str) -> None:
-    if _libc.umount2(path.encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted / already gone
-            raise _fail(err, f"{what}: umount {path}")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise _fail(e.errno, f"{what}: unlink {path}") from None
-
-
-def _write_sysctls(items: tuple[tuple[str, str], ...], what: str) -> None:
-    """Write /proc/sys/<key> for the calling thread's network namespace."""
-    for key, value in items:
-        try:
-            fd = os.open(f"/proc/sys/{key}", os.O_WRONLY)
-            try:
-                os.write(fd, value.encode())
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            if key.startswith("net/ipv6/"):  # a kernel without IPv6: nothing to turn off
-                continue
-            raise _fail(errno.ENOENT, f"{what}: sysctl {key}") from None
-        except OSError as e:
-            raise _fail(e.errno, f"{what}: sysctl {key}={value}") from None
-
-
-class _Rtnl:
-    """Synchronous rtnetlink on one raw socket, bound to the namespace the thread is in when
-    it is made; pyroute2 encodes requests and decodes replies."""
-
-    def __init__(self, what: str) -> None:
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        except OSError as e:
-            raise _fail(e.errno, f"{what}: open a netlink socket") from None
-        try:
-            sock.setsockopt(_SOL_NETLINK, _NETLINK_EXT_ACK, 1)  # the kernel's own error text
-            sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)  # acks without a copy of the request
-            sock.bind((0, 0))
-            sock.settimeout(_NETLINK_TIMEOUT)  # a lost answer becomes an error, not a hung kubelet
-        except OSError as e:
-            sock.close()
-            raise _fail(e.errno, f"{what}: set up a netlink socket") from None
-        self._sock = sock
-        self._seq = 0
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> "_Rtnl":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def request(self, msg: nlmsg, msg_type: int, flags: int, what: str,
-                reply: type[nlmsg] | None = None, dump: bool = False) -> list[nlmsg]:
-        """Send msg; return the decoded replies (if reply is given) once acked or, for a dump,
-        done. A kernel error raises PodNetworkError naming `what`."""
-        if dump:  # NLM_F_DUMP is two bits, one of them NLM_F_EXCL's: never test flags for it
-            flags |= NLM_F_DUMP
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-            header = msg["header"]
-            header["type"] = msg_type
-            header["flags"] = NLM_F_REQUEST | flags | (0 if dump else NLM_F_ACK)
-            header["sequence_number"] = seq
-            msg.encode()
-            try:
-                self._sock.sendto(bytes(msg.data[: header["length"]]), (0, 0))
-            except OSError as e:
-                raise _fail(e.errno, f"{what}: netlink send") from None
-            replies: list[nlmsg] = []
-            while True:
-                try:
-                    data = self._sock.recv(65536)
-                except TimeoutError:
-                    raise _fail(errno.ETIMEDOUT, f"{what}: no netlink answer in {_NETLINK_TIMEOUT:.0f} s") from None
-                except OSError as e:
-                    raise _fail(e.errno, f"{what}: netlink receive") from None
-                offset = 0
-                while offset + 16 <= len(data):
-                    length, mtype, mflags, mseq, _ = struct.unpack_from("=IHHII", data, offset)
-                    if length < 16:
-                        break
-                    if mseq == seq:
-                        if mtype == _NLMSG_ERROR or mtype == _NLMSG_DONE:
-                            err = -struct.unpack_from("=i", data, offset + 16)[0] if length >= 20 else 0
-                            if err:
-                                raise self._error(err, data, offset, length, mflags, mtype, what)
-                            return replies
-                        if reply is not None:
-                            replies.append(reply(data, offset=offset, length=length))
-                            replies[-1].decode()
-                    offset += (length + 3) & ~3
-
-    @staticmethod
-    def _error(err: int, data: bytes, offset: int, length: int, mflags: int, mtype: int,
-               what: str) -> PodNetworkError:
-        text = ""
-        if mtype == _NLMSG_ERROR and mflags & _NLM_F_ACK_TLVS and mflags & _NLM_F_CAPPED:
-            pos, end = offset + 16 + 4 + 16, offset + length  # error code, then the request's header
-            while pos + 4 <= end:
-                alen, atype = struct.unpack_from("=HH", data, pos)
-                if alen < 4:
-                    break
-                if atype & 0x3FFF == _NLMSGERR_ATTR_MSG:
-                    text = bytes(data[pos + 4: pos + alen]).split(b"\0", 1)[0].decode(errors="replace")
-                pos += (alen + 3) & ~3
-        return PodNetworkError(err, f"{what}: {os.strerror(err)}" + (f" (kernel: {text})" if text else ""))
-
-
-def _link(index: int = 0, up: bool = False, attrs: list | None = None) -> ifinfmsg:
-    msg = ifinfmsg()
-    msg["index"] = index
-    if up:
-        msg["flags"] = IFF_UP
-        msg["change"] = IFF_UP
-    msg["attrs"] = attrs or []
-    return msg
 
 
 class NodeBridge:
@@ -520,69 +230,15 @@ class NodeBridge:
             self._await_gone([host_ifname], LINGER_TIMEOUT)
         path = os.path.join(NETNS_DIR, netns_name)
         _prepare_netns_dir()
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
-        except FileExistsError:
-            raise _fail(errno.EEXIST, f"{what}: {path} already exists") from None
-        except OSError as e:
-            raise _fail(e.errno, f"{what}: create {path}") from None
+        _create_mount_point(path, what)
         veth_made = False
         try:
             with _new_netns(path, what) as pod_fd:
                 _write_sysctls(_POD_SYSCTLS, what)
-                try:
-                    node.request(
-                        _link(up=True, attrs=[
-                            ("IFLA_IFNAME", host_ifname), ("IFLA_MASTER", master),
-                            ("IFLA_LINKINFO", {"attrs": [
-                                ("IFLA_INFO_KIND", "veth"),
-                                ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": [
-                                    ("IFLA_IFNAME", POD_IFNAME), ("IFLA_NET_NS_FD", pod_fd),
-                                ]})]}),
-                            ]}),
-                        ]),
-                        RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                        f"{what}: create veth {host_ifname} on {self.bridge} with peer {POD_IFNAME} in the pod",
-                    )
-                except PodNetworkError as e:
-                    if e.errno == errno.EXFULL:  # strerror says "Exchange full"
-                        raise _fail(errno.EXFULL, f"{what}: bridge {self.bridge} has no free port "
-                                                  "(a Linux bridge takes at most 1023)") from None
-                    raise
+                self._add_veth(node, master, host_ifname, pod_fd, what)
                 veth_made = True
-                node.request(
-                    _link(attrs=[
-                        ("IFLA_IFNAME", host_ifname), _NO_LINK_LOCAL,
-                        ("IFLA_LINKINFO", {"attrs": [
-                            ("IFLA_INFO_SLAVE_KIND", "bridge"),
-                            ("IFLA_INFO_SLAVE_DATA", {"attrs": [_BRPORT_HAIRPIN]}),
-                        ]}),
-                    ]),
-                    RTM_NEWLINK, 0, f"{what}: set hairpin on bridge port {host_ifname}, no IPv6 link-local",
-                )
-                with _Rtnl(what) as pod:
-                    pod.request(_link(1, up=True), RTM_NEWLINK, 0, f"{what}: set lo up")
-                    pod.request(_link(up=True, attrs=[("IFLA_IFNAME", POD_IFNAME)]), RTM_NEWLINK, 0,
-                                f"{what}: set {POD_IFNAME} up")
-                    try:
-                        eth0 = socket.if_nametoindex(POD_IFNAME)  # the thread is in the pod namespace
-                    except OSError as e:
-                        raise _fail(e.errno or errno.ENODEV, f"{what}: find {POD_IFNAME} in the pod") from None
-                    msg = ifaddrmsg()
-                    msg["family"] = socket.AF_INET
-                    msg["prefixlen"] = self.pod_cidr.prefixlen
-                    msg["index"] = eth0
-                    msg["attrs"] = [("IFA_LOCAL", str(addr)), ("IFA_ADDRESS", str(addr))]
-                    pod.request(msg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
-                                f"{what}: add address {addr}/{self.pod_cidr.prefixlen} to {POD_IFNAME}")
-                    route = rtmsg()
-                    route["family"] = socket.AF_INET
-                    route["table"] = _RT_TABLE_MAIN
-                    route["proto"] = _RTPROT_STATIC
-                    route["type"] = _RTN_UNICAST
-                    route["attrs"] = [("RTA_GATEWAY", str(self.gateway)), ("RTA_OIF", eth0)]
-                    pod.request(route, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL,
-                                f"{what}: add default route via {self.gateway}")
+                self._set_port_options(node, host_ifname, what)
+                self._configure_pod(addr, what)
         except BaseException:
             with contextlib.suppress(Exception):
                 if veth_made:
@@ -591,6 +247,68 @@ class NodeBridge:
                 _remove_netns(path, what)
             raise
         self._host_ifnames[netns_name] = host_ifname
+
+    def _add_veth(self, node: _Rtnl, master: int, host_ifname: str, pod_fd: int, what: str) -> None:
+        """The veth pair in one request: the host end up on the bridge, the peer eth0 in the pod."""
+        try:
+            node.request(
+                _link(up=True, attrs=[
+                    ("IFLA_IFNAME", host_ifname), ("IFLA_MASTER", master),
+                    ("IFLA_LINKINFO", {"attrs": [
+                        ("IFLA_INFO_KIND", "veth"),
+                        ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": [
+                            ("IFLA_IFNAME", POD_IFNAME), ("IFLA_NET_NS_FD", pod_fd),
+                        ]})]}),
+                    ]}),
+                ]),
+                RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                f"{what}: create veth {host_ifname} on {self.bridge} with peer {POD_IFNAME} in the pod",
+            )
+        except PodNetworkError as e:
+            if e.errno == errno.EXFULL:  # strerror says "Exchange full"
+                raise _fail(errno.EXFULL, f"{what}: bridge {self.bridge} has no free port "
+                                          "(a Linux bridge takes at most 1023)") from None
+            raise
+
+    @staticmethod
+    def _set_port_options(node: _Rtnl, host_ifname: str, what: str) -> None:
+        node.request(
+            _link(attrs=[
+                ("IFLA_IFNAME", host_ifname), _NO_LINK_LOCAL,
+                ("IFLA_LINKINFO", {"attrs": [
+                    ("IFLA_INFO_SLAVE_KIND", "bridge"),
+                    ("IFLA_INFO_SLAVE_DATA", {"attrs": [_BRPORT_HAIRPIN]}),
+                ]}),
+            ]),
+            RTM_NEWLINK, 0, f"{what}: set hairpin on bridge port {host_ifname}, no IPv6 link-local",
+        )
+
+    def _configure_pod(self, addr: ipaddress.IPv4Address, what: str) -> None:
+        """From inside the pod namespace (the calling thread is there): lo and eth0 up, the pod's
+        address on eth0, the default route via the gateway."""
+        with _Rtnl(what) as pod:
+            pod.request(_link(1, up=True), RTM_NEWLINK, 0, f"{what}: set lo up")
+            pod.request(_link(up=True, attrs=[("IFLA_IFNAME", POD_IFNAME)]), RTM_NEWLINK, 0,
+                        f"{what}: set {POD_IFNAME} up")
+            try:
+                eth0 = socket.if_nametoindex(POD_IFNAME)  # the thread is in the pod namespace
+            except OSError as e:
+                raise _fail(e.errno or errno.ENODEV, f"{what}: find {POD_IFNAME} in the pod") from None
+            msg = ifaddrmsg()
+            msg["family"] = socket.AF_INET
+            msg["prefixlen"] = self.pod_cidr.prefixlen
+            msg["index"] = eth0
+            msg["attrs"] = [("IFA_LOCAL", str(addr)), ("IFA_ADDRESS", str(addr))]
+            pod.request(msg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL,
+                        f"{what}: add address {addr}/{self.pod_cidr.prefixlen} to {POD_IFNAME}")
+            route = rtmsg()
+            route["family"] = socket.AF_INET
+            route["table"] = _RT_TABLE_MAIN
+            route["proto"] = _RTPROT_STATIC
+            route["type"] = _RTN_UNICAST
+            route["attrs"] = [("RTA_GATEWAY", str(self.gateway)), ("RTA_OIF", eth0)]
+            pod.request(route, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL,
+                        f"{what}: add default route via {self.gateway}")
 
     def _delete_host_end(self, node: _Rtnl, host_ifname: str, what: str) -> None:
         try:
