@@ -16,7 +16,7 @@ sync (needs_full_sync), the raw apply of the same partial document/script in the
 namespace, which holds the same table, and (nftables) the kernel's floor: the least
 transaction that makes it re-validate the table (one new chain holding one jump).
 --shapes: the nft load of 10,000-Service rulesets in several balancing shapes (see
-testbed/proxy/nftables.py), CPU time of nft (user+sys, less disturbed than wall time by other
+testbed/proxy/nftables/), CPU time of nft (user+sys, less disturbed than wall time by other
 load) and wall time, each in a fresh namespace.
 
 Everything happens inside namespaces named kpb<pid>-*, entered by this thread (the tools are

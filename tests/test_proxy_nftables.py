@@ -1,4 +1,4 @@
-"""svclab's kube-proxy in nftables mode (testbed.proxy.nftables, .nftables_backend): the rendered
+"""svclab's kube-proxy in nftables mode (testbed.proxy.nftables and its backend): the rendered
 script as pure functions first, then loaded into a real kernel and crossed by real packets.
 
 IP plan (the testbed's own ranges, see environment.md):
