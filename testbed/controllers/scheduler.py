@@ -7,6 +7,7 @@ import logging
 
 from google.protobuf.message import Message
 
+from testbed import fault
 from testbed.api.errors import ApiError, Conflict, NotFound
 from testbed.api.meta import copy_of
 from testbed.api.v1 import api_pb2 as pb
@@ -63,6 +64,7 @@ class Scheduler:
         pod = self.informers.pods.get(*key)
         if pod is None or pod.spec.node_name or pod.metadata.deletion_timestamp or key in self._bound:
             return
+        fault.check(pod, "scheduler")
         node_name = self.pick_node()
         if node_name is None:
             self.queue.add_after(key, RETRY_UNSCHEDULABLE)

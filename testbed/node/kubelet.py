@@ -31,7 +31,7 @@ from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer, WorkQueue, run_worker
 from testbed.component import run_component
-from testbed import naming
+from testbed import fault, naming
 from testbed.node import podnet, routes
 from testbed.node.dns import DNS_IMAGE, ClusterRecords, DnsServer
 from testbed.node.workload import BuiltinServer, PodIdentity
@@ -166,6 +166,7 @@ class Kubelet:
             running = None
         if pod is None:
             return
+        fault.check(pod, "kubelet")
         if pod.metadata.deletion_timestamp:
             if running is None:
                 await self._finish_deletion(pod)
