@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import Message
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.api.errors import ApiError, AlreadyExists, Conflict, NotFound
 from testbed.api.kube_json import int_or_string
@@ -323,8 +325,20 @@ class Kubelet:
         self.bridge.remove_pod(running.netns, naming.pod_host_ifname(running.uid))
         shutil.rmtree(Path("/etc/netns") / running.netns, ignore_errors=True)
         self._mark(running.netns, create=False)
+        await asyncio.to_thread(self._forget_neighbour, running.ip)
         for waiting in self._waiting_for_ip:  # its address is free: no need to wait for a back-off
             self.queue.add(waiting)
+
+    def _forget_neighbour(self, ip: str) -> None:
+        """Drop the node's neighbour entry of a removed pod's address: it names the old pod's
+        MAC, REACHABLE for up to 30 s, and a full pod CIDR hands the address out again at once."""
+        try:
+            with podnet.entered_netns(self.config.node_netns), IPRoute() as ipr:
+                index = ipr.link_lookup(ifname=self.bridge.bridge)
+                if index:
+                    ipr.neigh("del", dst=ip, ifindex=index[0])
+        except (NetlinkError, OSError):
+            pass  # no entry: nothing to forget
 
     def _mark(self, netns: str, create: bool) -> None:
         """A file per pod namespace this node made, so a restarted kubelet or `svclab clean` finds it."""
