@@ -37,4 +37,5 @@ def node(name: str, ip: str) -> pb.Node:
     n.metadata.name = name
     n.status.addresses.add(type="InternalIP", address=ip)
     n.status.conditions.add(type="Ready", status="True", last_heartbeat_time=now_rfc3339())
+    n.status.capacity["pods"] = n.status.allocatable["pods"] = "110"  # as the kubelet advertises
     return n

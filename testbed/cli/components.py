@@ -69,9 +69,11 @@ def controller_manager(target: Target, api: str | None, token_file: Path | None,
 @click.option("--node-ip", required=True, help="This node's InternalIP.")
 @click.option("--dns-ip", default="10.96.0.10", show_default=True, help="Nameserver written into pods' resolv.conf.")
 @click.option("--heartbeat-interval", type=Duration(), default="1s", show_default=True)
+@click.option("--max-pods", type=click.IntRange(min=1), default=110, show_default=True,
+              help="Pods this node takes (at most the addresses of its pod CIDR): its pods capacity.")
 @pass_target
 def kubelet(target: Target, api: str | None, token_file: Path | None, node_name: str, node_ip: str, dns_ip: str,
-            heartbeat_interval: float) -> None:
+            heartbeat_interval: float, max_pods: int) -> None:
     """Run a node's kubelet in the current network namespace (svclab up starts one per node)."""
     from testbed import naming
     from testbed.node.kubelet import KubeletConfig, run
@@ -80,7 +82,7 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
     run(address, token, KubeletConfig(
         cluster=target.name, node_name=node_name, node_ip=node_ip,
         node_netns=naming.node_netns(target.name, node_name), state_dir=target.state.path,
-        dns_ip=dns_ip, heartbeat_interval=heartbeat_interval,
+        dns_ip=dns_ip, heartbeat_interval=heartbeat_interval, max_pods=max_pods,
     ))
 
 

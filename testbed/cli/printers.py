@@ -86,7 +86,11 @@ def service_external_ip(svc: pb.Service) -> str:
 def pod_status(pod: pb.Pod) -> str:
     if pod.metadata.deletion_timestamp:
         return "Terminating"
-    return pod.status.reason or pod.status.phase or "Pending"
+    if pod.status.reason:
+        return pod.status.reason
+    if pod.spec.node_name and pod.status.phase in ("", "Pending"):
+        return "ContainerCreating"  # bound, its sandbox not up yet (kubectl shows the container's waiting reason)
+    return pod.status.phase or "Pending"
 
 
 def pod_ready(pod: pb.Pod) -> str:
@@ -217,9 +221,11 @@ def _meta_lines(obj: Message) -> list[str]:
 def _conditions(conditions) -> list[str]:
     if not conditions:
         return []
-    lines = ["Conditions:", "  Type    Status  Reason    Message"]
+    width = max(7, *(len(c.type) for c in conditions))
+    reason_width = max(9, *(len(c.reason) for c in conditions))
+    lines = ["Conditions:", f"  {'Type':<{width}} Status  {'Reason':<{reason_width}} Message"]
     for c in conditions:
-        lines.append(f"  {c.type:<7} {c.status:<7} {c.reason or '-':<9} {c.message}")
+        lines.append(f"  {c.type:<{width}} {c.status:<7} {c.reason or '-':<{reason_width}} {c.message}")
     return lines
 
 
@@ -339,6 +345,9 @@ def _describe_node(node: pb.Node, pods: list[pb.Pod]) -> list[str]:
     lines = [f"PodCIDR:           {node.spec.pod_cidr or '<none>'}", "Addresses:"]
     lines += [f"  {a.type}: {a.address}" for a in node.status.addresses]
     lines.append(f"Unschedulable:     {str(node.spec.unschedulable).lower()}")
+    for title, resources in (("Capacity:", node.status.capacity), ("Allocatable:", node.status.allocatable)):
+        lines.append(title)
+        lines += [f"  {name}:  {value}" for name, value in sorted(resources.items())]
     ready = condition(node.status.conditions, "Ready")
     if ready is not None:
         lines.append(f"Last Heartbeat:    {ready.last_heartbeat_time}")

@@ -3,6 +3,11 @@
 The cache survives API server restarts: after a lost stream the informer
 resumes from its last resourceVersion (kept fresh by bookmarks), and relists
 only when that revision has expired.
+
+A handler that raises does not stop the informer nor the other handlers: the error is
+logged with the object, counted (svclab_informer_handler_errors_total{kind}), and that
+handler gets the object again after a per-object back-off (5 ms doubling to 1,000 s) as a
+resync event, MODIFIED with old and new the cached object, as client-go's resyncs are.
 """
 
 from __future__ import annotations
@@ -10,12 +15,16 @@ from __future__ import annotations
 import asyncio
 import time
 import logging
-from typing import Awaitable, Callable
+from typing import Callable
 
 from google.protobuf.message import Message
 
 from testbed.api.errors import ApiError, Expired
+from testbed.client import metrics
 from testbed.client.client import ApiClient
+from testbed.client.workqueue import ItemExponentialRateLimiter, WorkQueue, key_text, run_worker
+
+__all__ = ["Informer", "WorkQueue", "key_of", "run_worker"]
 
 log = logging.getLogger("svclab.informer")
 
@@ -48,6 +57,7 @@ class Informer:
         self.synced = asyncio.Event()
         self.connected_since: float | None = None  # monotonic time the current watch stream first answered
         self._handlers: list[Handler] = []
+        self._handler_backoff = ItemExponentialRateLimiter()  # per (handler, object) that raised
 
     def on_change(self, handler: Handler) -> None:
         """handler(type, old, new) for ADDED (old None), MODIFIED, DELETED (new None)."""
@@ -71,6 +81,13 @@ class Informer:
             except ApiError as exc:
                 log.debug("%s watch interrupted: %s", self.kind, exc.message)
                 self.connected_since = None
+                await asyncio.sleep(self._retry_delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bad message must not end the component: relist
+                log.exception("%s informer failed; relisting", self.kind)
+                self.connected_since = None
+                self.resource_version = ""
                 await asyncio.sleep(self._retry_delay)
 
     async def _relist(self) -> None:
@@ -108,39 +125,26 @@ class Informer:
             self.resource_version = item.resource_version
 
     def _emit(self, event_type: str, old: Message | None, new: Message | None) -> None:
-        for handler in self._handlers:
-            handler(event_type, old, new)
+        for index in range(len(self._handlers)):
+            self._deliver(index, event_type, old, new)
 
-
-class WorkQueue:
-    """Keys to reconcile; a key queued many times before it is taken is reconciled once."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._pending: set = set()
-
-    def add(self, key) -> None:
-        if key not in self._pending:
-            self._pending.add(key)
-            self._queue.put_nowait(key)
-
-    def add_after(self, key, delay: float) -> None:
-        asyncio.get_running_loop().call_later(delay, self.add, key)
-
-    async def get(self):
-        key = await self._queue.get()
-        self._pending.discard(key)
-        return key
-
-
-async def run_worker(
-    name: str, queue: WorkQueue, reconcile: Callable[[object], Awaitable[None]], retry_delay: float = 0.5
-) -> None:
-    """Take keys forever; a key whose reconcile fails with an API error is retried later."""
-    while True:
-        key = await queue.get()
+    def _deliver(self, index: int, event_type: str, old: Message | None, new: Message | None) -> None:
+        key = key_of(new if new is not None else old)
         try:
-            await reconcile(key)
-        except ApiError as exc:
-            log.info("%s: %s: %s (retrying)", name, key, exc.message)
-            queue.add_after(key, retry_delay)
+            self._handlers[index](event_type, old, new)
+        except Exception as exc:  # noqa: BLE001 - one object must not stop the informer
+            retries = self._handler_backoff.num_requeues((index, key))
+            delay = self._handler_backoff.when((index, key))
+            metrics.HANDLER_ERRORS.labels(kind=self.kind).inc()
+            log.error("%s informer: handler failed for %s %r: %s: %s (retry %d in %.3gs)", self.kind, event_type,
+                      key_text(key), type(exc).__name__, exc, retries + 1, delay, exc_info=retries == 0)
+            asyncio.get_running_loop().call_later(delay, self._resync, index, key)
+            return
+        self._handler_backoff.forget((index, key))
+
+    def _resync(self, index: int, key: ObjKey) -> None:
+        obj = self.cache.get(key)
+        if obj is None:  # gone meanwhile: its DELETED event went to the handler on its own
+            self._handler_backoff.forget((index, key))
+            return
+        self._deliver(index, "MODIFIED", obj, obj)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from testbed import fault
 from testbed.api.meta import now_rfc3339
 from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
@@ -93,6 +94,7 @@ class CloudController:
 
     async def reconcile(self, key) -> None:
         svc = self.services.get(*key)
+        fault.check(svc, "cloud-controller")
         if not is_lb(svc):
             self.pending.discard(key)
             if self.pool.release(key):

@@ -13,6 +13,7 @@ import math
 
 from google.protobuf.message import Message
 
+from testbed import fault
 from testbed.api.errors import AlreadyExists, Conflict, NotFound
 from testbed.api.kube_json import int_or_string
 from testbed.api.meta import copy_of
@@ -22,6 +23,10 @@ from testbed.client.informer import WorkQueue
 from testbed.controllers.base import Expectations, Informers, controller_of, owner_ref, pod_is_active, pod_is_ready
 
 HASH_LABEL = "pod-template-hash"
+# At most this many pod creates (and deletes) per sync, upstream's BurstReplicas: the next
+# sync waits until the informer has shown them (expectations), so `replicas: 100000` fills
+# in steps of 500 that the API server, the scheduler and a Deployment's deletion keep up with.
+BURST_REPLICAS = 500
 
 
 def template_hash(template: pb.PodTemplateSpec) -> str:
@@ -84,6 +89,7 @@ class DeploymentController:
         if deploy is None:
             self.expectations.forget(key)
             return
+        fault.check(deploy, "deployment")
         if not self.expectations.satisfied(key):
             self.queue.add_after(key, 0.2)
             return
@@ -93,29 +99,50 @@ class DeploymentController:
         new = [p for p in active if p.metadata.labels.get(HASH_LABEL) == current]
         old = [p for p in active if p.metadata.labels.get(HASH_LABEL) != current]
         to_create, to_delete = self._plan(deploy, new, old, terminating_old=len(pods) - len(active))
+        to_create = min(to_create, BURST_REPLICAS)
+        to_delete = to_delete[:BURST_REPLICAS]
         self.expectations.expect(key, to_create, {p.metadata.name for p in to_delete})
-        # Creates go out concurrently, in batches of 1, 2, 4, ... (upstream's slow start): one
-        # create at a time waited a round trip per pod (1,000 replicas: 25 s); concurrent ones
-        # share the client's write stream and the server's transactions. A failed batch stops
-        # the rest, which will never be seen either.
-        done, batch = 0, 1
-        while done < to_create:
-            size = min(batch, to_create - done)
-            results = await asyncio.gather(*(self._create_pod(deploy, current) for _ in range(size)),
-                                           return_exceptions=True)
-            done += size
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                for _ in range(len(errors) + to_create - done):
-                    self.expectations.observed_create(key)
-                raise errors[0]
-            batch *= 2
+        if not await self._create_pods(key, deploy, current, to_create):
+            return
         for pod in to_delete:
             try:
                 await self.client.delete("Pod", pod.metadata.name, namespace)
             except NotFound:
                 self.expectations.observed_delete(key, pod.metadata.name)
         await self._write_status(deploy, new, active)
+
+    async def _create_pods(self, key: tuple[str, str], deploy: pb.Deployment, current: str, count: int) -> bool:
+        """Create `count` pods in batches of 1, 2, 4, ... (upstream's slow start); False if it stopped early.
+
+        One create at a time waited a round trip per pod (1,000 replicas: 25 s); concurrent ones
+        share the client's write stream and the server's transactions. A failed batch stops the
+        rest (raised: the key is retried with back-off), and so does the Deployment's deletion,
+        seen between two batches: its pods would only be garbage.
+        """
+        done, batch = 0, 1
+        while done < count:
+            if not self._still_wanted(deploy):
+                self._unexpect(key, count - done)
+                return False
+            size = min(batch, count - done)
+            results = await asyncio.gather(*(self._create_pod(deploy, current) for _ in range(size)),
+                                           return_exceptions=True)
+            done += size
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                self._unexpect(key, len(errors) + count - done)
+                raise errors[0]
+            batch *= 2
+        return True
+
+    def _still_wanted(self, deploy: pb.Deployment) -> bool:
+        cached = self.informers.deployments.get(deploy.metadata.namespace, deploy.metadata.name)
+        return cached is not None and cached.metadata.uid == deploy.metadata.uid and not cached.metadata.deletion_timestamp
+
+    def _unexpect(self, key: tuple[str, str], creates: int) -> None:
+        """Creates that will never be seen: not sent, or refused."""
+        for _ in range(creates):
+            self.expectations.observed_create(key)
 
     def _plan(self, deploy: pb.Deployment, new: list[pb.Pod], old: list[pb.Pod], terminating_old: int):
         desired = deploy.spec.replicas

@@ -12,6 +12,7 @@ import time
 
 from google.protobuf.message import Message
 
+from testbed import fault
 from testbed.api.errors import Conflict, NotFound
 from testbed.api.kube_json import int_or_string
 from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, SERVICE_NAME_LABEL, copy_of, rfc3339_precise
@@ -154,6 +155,7 @@ class EndpointSliceController:
         """Bring the Service's slices to what its pods say; False if it must be tried again."""
         namespace, name = key
         svc = self.informers.services.get(namespace, name)
+        fault.check(svc, "endpointslice")
         current = self._current_slices(namespace, name)
         if current is None:
             self.queue.add_after(key, 0.05)

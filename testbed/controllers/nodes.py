@@ -15,10 +15,12 @@ import time
 
 from google.protobuf.message import Message
 
+from testbed import fault
 from testbed.api.errors import ApiError, Conflict, NotFound
 from testbed.api.v1 import api_pb2 as pb
 from testbed.api.meta import copy_of, now_rfc3339
 from testbed.client.client import ApiClient
+from testbed.client import metrics
 from testbed.client.informer import WorkQueue
 from testbed.controllers.base import Informers
 
@@ -44,6 +46,7 @@ class NodeIpam:
         node = self.informers.nodes.get("", name)
         if node is None or node.spec.pod_cidr or name in self._assigned:
             return
+        fault.check(node, "nodeipam")
         used = {n.spec.pod_cidr for n in self.informers.nodes.items()} | set(self._assigned.values())
         free = next((str(s) for s in self.subnets if str(s) not in used), None)
         if free is None:
@@ -80,6 +83,9 @@ class NodeLifecycle:
                 await self._check_nodes()
             except ApiError as exc:  # the API server is away: judge again once it is back
                 log.info("node lifecycle: %s (retrying)", exc.message)
+            except Exception:  # noqa: BLE001 - one bad node must not end the controller-manager
+                metrics.SYNC_ERRORS.labels(name="nodelifecycle").inc()
+                log.exception("node lifecycle: error checking nodes (retrying in %ss)", self.interval)
 
     async def _check_nodes(self) -> None:
         # Silence is only a node's fault while we could hear it: after our own watch was

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf.message import Message
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.api.errors import ApiError, AlreadyExists, Conflict, NotFound
 from testbed.api.kube_json import int_or_string
@@ -31,7 +33,7 @@ from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer, WorkQueue, run_worker
 from testbed.component import run_component
-from testbed import naming
+from testbed import fault, naming
 from testbed.node import podnet, routes
 from testbed.node.dns import DNS_IMAGE, ClusterRecords, DnsServer
 from testbed.node.workload import BuiltinServer, PodIdentity
@@ -46,6 +48,12 @@ READY_RETRY = 0.05  # fast first probes: pod create -> Ready is a measured numbe
 # half the kubelets' CPU on this 2-core machine while the rest of the pods were starting.
 BUILTIN_PROBE_PERIOD = 10
 LINK_UP_TIMEOUT = 1.0  # seconds to wait for a new pod's veth to come up before the first probe
+DEFAULT_MAX_PODS = 110  # upstream's --max-pods default
+SANDBOX_CONDITION = "PodReadyToStartContainers"  # False while the pod's network cannot be made
+
+
+class NoAddressAvailable(RuntimeError):
+    """Every address of the node's pod CIDR is in use (the words of CNI's host-local IPAM)."""
 
 
 def pre_stop_seconds(pod: pb.Pod) -> float:
@@ -78,6 +86,7 @@ class KubeletConfig:
     cluster_domain: str = "cluster.local"
     dns_ip: str = DNS_SERVICE_IP
     heartbeat_interval: float = 1.0
+    max_pods: int = DEFAULT_MAX_PODS
     extra: dict = field(default_factory=dict)
 
 
@@ -97,6 +106,7 @@ class Kubelet:
         self._cidr_ready = asyncio.Event()
         self._last_ip_index = -1
         self.dns_records: ClusterRecords | None = None  # started when this node runs a DNS pod
+        self._waiting_for_ip: set[tuple[str, str]] = set()  # retried at once when a pod stops
 
     # ------------------------------------------------------------ node
 
@@ -128,6 +138,15 @@ class Kubelet:
             ready.last_transition_time = now
         ready.status, ready.reason, ready.message = "True", "KubeletReady", "kubelet is posting ready status"
         ready.last_heartbeat_time = now
+        pods = str(self.max_pods())
+        for resources in (node.status.capacity, node.status.allocatable):
+            resources["pods"] = pods
+
+    def max_pods(self) -> int:
+        """Pods this node takes: --max-pods, at most the addresses of its pod CIDR."""
+        if self.pod_cidr is None:
+            return self.config.max_pods
+        return min(self.config.max_pods, len(_pod_addresses(self.pod_cidr)))
 
     async def heartbeat(self) -> None:
         while True:
@@ -141,6 +160,10 @@ class Kubelet:
                 await self.register()
             except (Conflict, ApiError) as exc:
                 log.debug("heartbeat: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the node must keep posting status
+                log.exception("heartbeat failed (retrying)")
 
     def _on_node(self, _type: str, old: Message | None, new: Message | None) -> None:
         node = new or old
@@ -165,7 +188,9 @@ class Kubelet:
             await self._stop(key)
             running = None
         if pod is None:
+            self._waiting_for_ip.discard(key)
             return
+        fault.check(pod, "kubelet")
         if pod.metadata.deletion_timestamp:
             if running is None:
                 await self._finish_deletion(pod)
@@ -187,12 +212,19 @@ class Kubelet:
             if candidate not in used:
                 self._last_ip_index = (self._last_ip_index + offset) % len(hosts)
                 return candidate
-        raise RuntimeError(f"pod CIDR {self.pod_cidr} is full")
+        raise NoAddressAvailable(f"failed to allocate for range 0: no IP addresses available in range set: "
+                                 f"{hosts[0]}-{hosts[-1]}")
 
     async def _start(self, pod: pb.Pod) -> None:
         key = _key(pod)
         netns = naming.pod_netns(self.config.cluster, pod.metadata.uid)
-        ip = self._next_ip(pod)
+        try:
+            ip = self._next_ip(pod)
+        except NoAddressAvailable as exc:  # stays ContainerCreating: retried when an address frees
+            self._waiting_for_ip.add(key)
+            await self._write_sandbox_failure(pod, f"Failed to create pod sandbox: {exc}")
+            raise
+        self._waiting_for_ip.discard(key)
         running = RunningPod(pod.metadata.uid, netns, ip)
         self.running[key] = running
         self._mark(netns, create=True)
@@ -293,6 +325,20 @@ class Kubelet:
         self.bridge.remove_pod(running.netns, naming.pod_host_ifname(running.uid))
         shutil.rmtree(Path("/etc/netns") / running.netns, ignore_errors=True)
         self._mark(running.netns, create=False)
+        await asyncio.to_thread(self._forget_neighbour, running.ip)
+        for waiting in self._waiting_for_ip:  # its address is free: no need to wait for a back-off
+            self.queue.add(waiting)
+
+    def _forget_neighbour(self, ip: str) -> None:
+        """Drop the node's neighbour entry of a removed pod's address: it names the old pod's
+        MAC, REACHABLE for up to 30 s, and a full pod CIDR hands the address out again at once."""
+        try:
+            with podnet.entered_netns(self.config.node_netns), IPRoute() as ipr:
+                index = ipr.link_lookup(ifname=self.bridge.bridge)
+                if index:
+                    ipr.neigh("del", dst=ip, ifindex=index[0])
+        except (NetlinkError, OSError):
+            pass  # no entry: nothing to forget
 
     def _mark(self, netns: str, create: bool) -> None:
         """A file per pod namespace this node made, so a restarted kubelet or `svclab clean` finds it."""
@@ -351,10 +397,26 @@ class Kubelet:
             status.pod_ip = ip
         if not status.start_time:
             status.start_time = now_rfc3339()
-        cond = next((c for c in status.conditions if c.type == "Ready"), None) or status.conditions.add(type="Ready")
-        value = "True" if ready and phase == "Running" else "False"
-        if cond.status != value:
-            cond.status, cond.last_transition_time = value, now_rfc3339()
+        _set_condition(status, "Ready", "True" if ready and phase == "Running" else "False")
+        _set_condition(status, SANDBOX_CONDITION, "True")
+        _set_condition(status, "PodScheduled", "True")  # it is on this node
+        update.metadata.resource_version = ""
+        try:
+            await self.client.update_status(update)
+        except NotFound:
+            pass
+
+    async def _write_sandbox_failure(self, pod: pb.Pod, message: str) -> None:
+        """Pending (ContainerCreating) with PodReadyToStartContainers=False naming the reason,
+        written once per change."""
+        current = next((c for c in pod.status.conditions if c.type == SANDBOX_CONDITION), None)
+        if current is not None and (current.status, current.message) == ("False", message):
+            return
+        log.warning("pod %s/%s: %s", pod.metadata.namespace, pod.metadata.name, message)
+        update = copy_of(pod)
+        update.status.phase, update.status.host_ip = "Pending", self.config.node_ip
+        _set_condition(update.status, SANDBOX_CONDITION, "False", "FailedCreatePodSandBox", message)
+        _set_condition(update.status, "PodScheduled", "True")
         update.metadata.resource_version = ""
         try:
             await self.client.update_status(update)
@@ -411,6 +473,13 @@ def _pod_addresses(cidr: ipaddress.IPv4Network) -> tuple[str, ...]:
     """The pod addresses of a node's CIDR (.1 is the gateway on cni0), made once: 253 address
     objects per pod started cost ~5 ms of a busy kubelet's time."""
     return tuple(str(host) for host in cidr.hosts())[1:]
+
+
+def _set_condition(status: pb.PodStatus, type_: str, value: str, reason: str = "", message: str = "") -> None:
+    cond = next((c for c in status.conditions if c.type == type_), None) or status.conditions.add(type=type_)
+    if cond.status != value:
+        cond.status, cond.last_transition_time = value, now_rfc3339()
+    cond.reason, cond.message = reason, message
 
 
 def _key(pod: Message) -> tuple[str, str]:

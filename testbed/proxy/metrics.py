@@ -8,6 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from testbed.client import metrics as client_metrics
+
 
 class ProxyMetrics:
     def __init__(self) -> None:
@@ -49,7 +51,8 @@ class ProxyMetrics:
                                       "Full resyncs forced because the canary chain disappeared", registry=r)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """kube-proxy's metrics and the shared ones (informer handler errors, testbed.client.metrics)."""
+        return generate_latest(self.registry) + client_metrics.exposition()
 
 
 class HealthState:

@@ -29,6 +29,7 @@ from typing import Collection, Iterable, NamedTuple
 
 from google.protobuf.message import Message
 
+from testbed import fault
 from testbed.api.meta import LAST_CHANGE_TRIGGER_TIME, SERVICE_NAME_LABEL, parse_rfc3339
 from testbed.api.v1 import api_pb2 as pb
 
@@ -392,11 +393,13 @@ class ChangeTracker:
         return bool(self._pending_services or self._pending_slices)
 
     def on_service(self, _type: str, old: Message | None, new: Message | None) -> None:
+        fault.check(new, "kube-proxy")
         svc = new if new is not None else old
         key = (svc.metadata.namespace, svc.metadata.name)
         self._pending_services[key] = {sp.name: sp for sp in build_service_ports(new)} if new is not None else {}
 
     def on_slice(self, _type: str, old: Message | None, new: Message | None) -> None:
+        fault.check(new, "kube-proxy")
         eps = new if new is not None else old
         key = (eps.metadata.namespace, eps.metadata.name)
         service = slice_service(new) if new is not None else None
