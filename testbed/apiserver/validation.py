@@ -107,6 +107,24 @@ def ip_address(path: str, value: str) -> list[FieldError]:
     return []
 
 
+def endpoint_ip(path: str, value: str) -> list[FieldError]:
+    """An address traffic is sent to (Kubernetes' ValidateEndpointIP): not unspecified, loopback or
+    link-local, which would make every node DNAT to itself. Global multicast passes, as upstream."""
+    errs = ip_address(path, value)
+    if errs:
+        return errs
+    a, b, c, _ = value.split(".")
+    if value == "0.0.0.0":
+        errs.append(invalid(path, value, f"may not be unspecified ({value})"))
+    if a == "127":
+        errs.append(invalid(path, value, "may not be in the loopback range (127.0.0.0/8, ::1/128)"))
+    if (a, b) == ("169", "254"):
+        errs.append(invalid(path, value, "may not be in the link-local range (169.254.0.0/16, fe80::/10)"))
+    if (a, b, c) == ("224", "0", "0"):
+        errs.append(invalid(path, value, "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"))
+    return errs
+
+
 def labels(path: str, values: dict[str, str]) -> list[FieldError]:
     errs = []
     for key, value in values.items():
@@ -289,7 +307,7 @@ def validate_endpoint_slice(eps: pb.EndpointSlice) -> list[FieldError]:
         if not ep.addresses:
             errs.append(required(f"endpoints[{i}].addresses"))
         for j, addr in enumerate(ep.addresses):
-            errs += ip_address(f"endpoints[{i}].addresses[{j}]", addr)
+            errs += endpoint_ip(f"endpoints[{i}].addresses[{j}]", addr)
         if ep.node_name:
             errs += dns1123_subdomain(f"endpoints[{i}].nodeName", ep.node_name)
     names: set[str] = set()
