@@ -15,7 +15,7 @@ def _show(value: object) -> str:
 @dataclass(frozen=True)
 class FieldError:
     path: str
-    kind: str  # Invalid, Required, Unsupported, Duplicate, Forbidden
+    kind: str  # Invalid, Required, Unsupported, Duplicate, Forbidden, TooLong
     value: object = None
     detail: str = ""
 
@@ -26,6 +26,8 @@ class FieldError:
             return f"{self.path}: Forbidden: {self.detail}"
         if self.kind == "Unsupported":
             return f"{self.path}: Unsupported value: {_show(self.value)}: supported values: {self.detail}"
+        if self.kind == "TooLong":  # never the value: it is the too-long thing
+            return f"{self.path}: Too long: {self.detail}"
         if self.kind == "Duplicate":
             return f"{self.path}: Duplicate value: {_show(self.value)}"
         return f"{self.path}: Invalid value: {_show(self.value)}: {self.detail}"
@@ -49,6 +51,10 @@ def forbidden(path: str, detail: str) -> FieldError:
 
 def duplicate(path: str, value: object) -> FieldError:
     return FieldError(path, "Duplicate", value)
+
+
+def too_long(path: str, max_bytes: int) -> FieldError:
+    return FieldError(path, "TooLong", None, f"must have at most {max_bytes} bytes")
 
 
 class ApiError(Exception):
@@ -89,6 +95,12 @@ class Unauthenticated(ApiError):
 
 
 class RangeFull(ApiError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooLarge(ApiError):
+    """A write over the size limit (HTTP 413 in Kubernetes); travels as RESOURCE_EXHAUSTED."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
