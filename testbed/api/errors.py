@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
+#: How much of a value a message shows; client-go cuts response bodies it logs the same way.
+MAX_SHOWN = 1024
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxset = 3, 8, 8, 8, 8
+_BRIEF.maxstring, _BRIEF.maxother = 80, 80
+
+
+def clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """text, or its first `limit` characters and how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [truncated {len(text) - limit} chars]"
+
+
+def brief(value: object, quote: Callable[[str], str] = repr) -> str:
+    """value for a message: a string quoted (and clipped), anything else as a bounded repr,
+    at a cost and length bounded however large or deep the value is."""
+    if isinstance(value, str):
+        if len(value) <= MAX_SHOWN:
+            return quote(value)
+        return f"{quote(value[:MAX_SHOWN])} [truncated {len(value) - MAX_SHOWN} chars]"
+    return clip(_BRIEF.repr(value))
+
+
+def plain(value: object) -> str:
+    """value unquoted, for a message that puts it in quotes of its own; bounded as brief()."""
+    return clip(value) if isinstance(value, str) else clip(_BRIEF.repr(value))
+
 
 def _show(value: object) -> str:
-    return json.dumps(value) if isinstance(value, (str, list)) else str(value)
+    if isinstance(value, str):
+        return brief(value, json.dumps)
+    return clip(json.dumps(value) if isinstance(value, list) else str(value))
 
 
 @dataclass(frozen=True)
@@ -70,7 +103,7 @@ class Invalid(ApiError):
 
     def __init__(self, kind: str, name: str, errors: list[FieldError]) -> None:
         joined = str(errors[0]) if len(errors) == 1 else "[" + ", ".join(map(str, errors)) + "]"
-        super().__init__(f'{kind} "{name}" is invalid: {joined}')
+        super().__init__(f'{kind} "{plain(name)}" is invalid: {joined}')
         self.errors = errors
 
 

@@ -7,7 +7,7 @@ into batches that stay under gRPC's message limit, which the server enforces.
 
 from __future__ import annotations
 
-from testbed.api.errors import TooLarge
+from testbed.api.errors import TooLarge, plain
 from testbed.api.kinds import kind_of, unwrap
 from testbed.api.v1 import api_pb2 as pb
 
@@ -26,9 +26,9 @@ def too_large(op: pb.WriteOp) -> TooLarge:
     which = op.WhichOneof("op")
     if which in ("create", "update"):
         obj = unwrap(getattr(op, which).object)
-        what = f'{kind_of(obj).name} "{obj.metadata.name}"'
+        what = f'{kind_of(obj).name} "{plain(obj.metadata.name)}"'
     else:
-        what = f'{op.delete.key.kind} "{op.delete.key.name}"'
+        what = f'{plain(op.delete.key.kind)} "{plain(op.delete.key.name)}"'
     return TooLarge(f"{what}: Request entity too large: limit is {MAX_OBJECT_BYTES}")
 
 
