@@ -8,8 +8,10 @@ from pathlib import Path
 import yaml
 from google.protobuf.message import Message
 
+from testbed.api.errors import clip, plain
 from testbed.api.kinds import BY_NAME, KINDS, kind_of
 from testbed.api.kube_json import ManifestError, from_dict
+from testbed.manifest_yaml import YamlProblem, load_all
 
 
 class ManifestInvalid(ValueError):
@@ -22,23 +24,44 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_source(source: str, stdin_text: str | None = None) -> str:
+def read_source(source: str, stdin: bytes | str | None = None) -> str:
+    """A manifest's text: a file's (or standard input's, for "-") bytes as UTF-8."""
     if source == "-":
-        return stdin_text if stdin_text is not None else ""
-    path = Path(source)
-    if not path.exists():
-        raise ManifestInvalid(f'the path "{source}" does not exist')
-    return path.read_text()
+        data = stdin if stdin is not None else b""
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ManifestInvalid(f'error: the path "{source}" does not exist')
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ManifestInvalid(f"error: error reading {source}: {exc.strerror}") from None
+    return data if isinstance(data, str) else decode(data, _name(source))
 
 
-def load_paths(sources: list[str], stdin_text: str | None = None, namespace: str = "") -> Manifest:
+def decode(data: bytes, name: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestInvalid(
+            f"error: error parsing {name}:{line}: invalid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "manifests must be UTF-8 text"
+        ) from None
+
+
+def _name(source: str) -> str:
+    return "STDIN" if source == "-" else source
+
+
+def load_paths(sources: list[str], stdin: bytes | str | None = None, namespace: str = "") -> Manifest:
     """Every document of every file (or directory of .yaml files) given, or an error naming each bad one."""
     manifest = Manifest()
     problems: list[str] = []
     for source in _expand(sources):
         try:
-            text = read_source(source, stdin_text)
-            part = parse(text, "STDIN" if source == "-" else source, namespace)
+            text = read_source(source, stdin)
+            part = parse(text, _name(source), namespace)
         except ManifestInvalid as exc:
             problems.append(str(exc))
             continue
@@ -63,10 +86,7 @@ def _expand(sources: list[str]) -> list[str]:
 def parse(text: str, source: str = "<stdin>", namespace: str = "") -> Manifest:
     manifest = Manifest()
     problems: list[str] = []
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ManifestInvalid(f"error parsing {source}: {exc}") from None
+    documents = [d for d in _documents(text, source) if d is not None]
     for index, doc in enumerate(documents):
         where = f"{source} (document {index + 1})"
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
@@ -88,6 +108,18 @@ def parse(text: str, source: str = "<stdin>", namespace: str = "") -> Manifest:
     return manifest
 
 
+def _documents(text: str, source: str) -> list[object]:
+    try:
+        return load_all(text, source)
+    except YamlProblem as exc:
+        where = f"{source}:{exc.line}" if exc.line else source
+        raise ManifestInvalid(f"error: error parsing {where}: {exc.message}") from None
+    except yaml.YAMLError as exc:
+        raise ManifestInvalid(f"error: error parsing {source}: {clip(str(exc), 4096)}") from None
+    except (RecursionError, ValueError) as exc:  # a merge chain too deep; an integer too long to convert
+        raise ManifestInvalid(f"error: error parsing {source}: {clip(str(exc))}") from None
+
+
 def object_of(doc: object, where: str = "<object>") -> tuple[Message, list[str]]:
     """One Kubernetes object given as a dict: the message and warnings on unknown fields;
     ManifestInvalid naming `where` and the bad field."""
@@ -97,15 +129,15 @@ def object_of(doc: object, where: str = "<object>") -> tuple[Message, list[str]]
     if not api_version or not kind_name:
         missing = "apiVersion" if not api_version else "kind"
         raise ManifestInvalid(f"error: {where}: {missing} not set")
-    kind = BY_NAME.get(str(kind_name))
+    kind = BY_NAME.get(kind_name) if isinstance(kind_name, str) else None
     if kind is None or kind.api_version != api_version:
         supported = ", ".join(f"{k.api_version} {k.name}" for k in KINDS)
         raise ManifestInvalid(
-            f'error: {where}: no matches for kind "{kind_name}" in version "{api_version}" '
+            f'error: {where}: no matches for kind "{plain(kind_name)}" in version "{plain(api_version)}" '
             f"(svclab serves: {supported})"
         )
     try:
         return from_dict(doc, kind)
     except ManifestError as exc:
         name = (doc.get("metadata") or {}).get("name", "") if isinstance(doc.get("metadata"), dict) else ""
-        raise ManifestInvalid(f'error: {where}: {kind.name} "{name}" is invalid: {exc}') from None
+        raise ManifestInvalid(f'error: {where}: {kind.name} "{plain(name)}" is invalid: {exc}') from None

@@ -38,6 +38,16 @@ def netns_path(netns: str) -> str:
     return os.path.join(NETNS_DIR, netns)
 
 
+def path_segment_problems(name: str) -> list[str]:
+    """Why name can't be one segment of a path (client-go's rule for a resource name), [] if it can:
+    a name used in /run/netns/<cluster>-<name> must not reach outside the cluster's names."""
+    if not name:
+        return ["may not be empty"]
+    if name in (".", ".."):
+        return [f"may not be '{name}'"]
+    return [f"may not contain '{c}'" for c in "/%" if c in name]
+
+
 def node_netns(cluster: str, host: str) -> str:
     """Named netns of a host of the cluster: node1.., client, gw."""
     return f"{cluster}-{host}"

@@ -126,3 +126,53 @@ def test_invalid_update_leaves_the_object_as_it_was(apiserver):
             with pytest.raises(ApiError, match="provided port is already allocated"):
                 await c.create(service("other", type="NodePort", ports=[{"port": 80, "nodePort": 30007}]))
     run(scenario())
+
+
+LOOPBACK = "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+SPECIAL_ADDRESSES = [
+    ("127.0.0.1", LOOPBACK),
+    ("127.200.3.4", LOOPBACK),
+    ("169.254.169.254", "may not be in the link-local range (169.254.0.0/16, fe80::/10)"),
+    ("224.0.0.251", "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"),
+    ("0.0.0.0", "may not be unspecified (0.0.0.0)"),
+]
+
+
+@pytest.mark.parametrize("address,detail", SPECIAL_ADDRESSES, ids=[a for a, _ in SPECIAL_ADDRESSES])
+def test_endpoint_addresses_kubernetes_refuses(apiserver, address, detail):
+    """A slice's address becomes a DNAT target: 127.0.0.1:22 would reach the node's own sshd."""
+    async def scenario():
+        async with apiserver.client() as c:
+            def eps(*addresses):
+                return obj({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"name": "e"},
+                            "addressType": "IPv4", "ports": [{"port": 22}],
+                            "endpoints": [{"addresses": ["10.244.1.5"]}, {"addresses": list(addresses)}]})
+            with pytest.raises(ApiError) as err:
+                await c.create(eps("10.244.1.6", address))
+            assert err.value.message == (f'EndpointSlice "e" is invalid: '
+                                         f'endpoints[1].addresses[1]: Invalid value: "{address}": {detail}')
+            created = await c.create(eps("10.244.1.6"))
+            with pytest.raises(ApiError, match=f"endpoints\\[1\\].addresses\\[0\\]: Invalid value: \"{address}\""):
+                await c.update(eps(address))
+            assert await c.get("EndpointSlice", "e") == created
+    run(scenario())
+
+
+def test_a_loopback_endpoint_from_a_manifest_is_refused(apiserver):
+    r = apiserver.cli("apply", "-f", "-", input="""
+apiVersion: v1
+kind: Service
+metadata: {name: ssh}
+spec: {ports: [{port: 22}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ssh-1, labels: {kubernetes.io/service-name: ssh}}
+addressType: IPv4
+ports: [{port: 22}]
+endpoints: [{addresses: [127.0.0.1]}]
+""")
+    assert r.returncode == 1
+    assert r.stderr == ('error: Error from server: EndpointSlice "ssh-1" is invalid: endpoints[0].addresses[0]: '
+                        f'Invalid value: "127.0.0.1": {LOOPBACK}\n')
+    assert "ssh" not in apiserver.cli("get", "svc").stdout

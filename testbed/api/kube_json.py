@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from testbed.api.errors import brief, clip
 from testbed.api.kinds import Kind, kind_of
 from testbed.api.v1 import api_pb2 as pb
 
@@ -29,6 +30,11 @@ _INT_OR_STRING = pb.IntOrString.DESCRIPTOR.full_name
 
 class ManifestError(ValueError):
     """A manifest value has the wrong type; the message names the field."""
+
+
+def _invalid(path: str, value: Any, detail: str) -> ManifestError:
+    """The refusal of a value, naming its field; neither is echoed at unbounded length."""
+    return ManifestError(f"{clip(path)}: Invalid value: {brief(value)}: {detail}")
 
 
 def to_dict(obj: Message) -> dict[str, Any]:
@@ -77,14 +83,14 @@ def from_dict(data: dict[str, Any], kind: Kind) -> tuple[Message, list[str]]:
 
 def _fill(msg: Message, data: Any, path: str, warnings: list[str]) -> None:
     if not isinstance(data, dict):
-        raise ManifestError(f"{path or '<root>'}: Invalid value: {data!r}: must be an object")
+        raise _invalid(path or "<root>", data, "must be an object")
     descriptor: Descriptor = msg.DESCRIPTOR
     by_json = {f.json_name: f for f in descriptor.fields}
     for key, value in data.items():
         field_path = f"{path}.{key}" if path else str(key)
         field = by_json.get(key) or descriptor.fields_by_name.get(key)
         if field is None:
-            warnings.append(f'unknown field "{field_path}"')
+            warnings.append(f'unknown field "{clip(field_path)}"')
             continue
         if value is None:
             continue
@@ -94,14 +100,14 @@ def _fill(msg: Message, data: Any, path: str, warnings: list[str]) -> None:
 def _set_field(msg: Message, field: FieldDescriptor, value: Any, path: str, warnings: list[str]) -> None:
     if _is_map(field):
         if not isinstance(value, dict):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be a map of strings")
+            raise _invalid(path, value, "must be a map of strings")
         target = getattr(msg, field.name)
         for k, v in value.items():
             target[str(k)] = _coerce_scalar(field.message_type.fields_by_name["value"], v, f"{path}.{k}")
         return
     if field.is_repeated:
         if not isinstance(value, list):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be a list")
+            raise _invalid(path, value, "must be a list")
         target = getattr(msg, field.name)
         for i, item in enumerate(value):
             item_path = f"{path}[{i}]"
@@ -119,7 +125,7 @@ def _set_field(msg: Message, field: FieldDescriptor, value: Any, path: str, warn
 def _fill_message(target: Message, field: FieldDescriptor, value: Any, path: str, warnings: list[str]) -> None:
     if field.message_type.full_name == _INT_OR_STRING:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be an integer or a string")
+            raise _invalid(path, value, "must be an integer or a string")
         if isinstance(value, int):
             target.int_val = value
         else:
@@ -132,21 +138,21 @@ def _fill_message(target: Message, field: FieldDescriptor, value: Any, path: str
 def _coerce_scalar(field: FieldDescriptor, value: Any, path: str) -> Any:
     if field.type in _INT_TYPES:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be an integer")
+            raise _invalid(path, value, "must be an integer")
         if not -(2**31) <= value < 2**31:
-            raise ManifestError(f"{path}: Invalid value: {value}: out of range")
+            raise _invalid(path, value, "out of range")
         return value
     if field.type == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, bool):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be true or false")
+            raise _invalid(path, value, "must be true or false")
         return value
     if field.type == FieldDescriptor.TYPE_STRING:
         if isinstance(value, (dict, list)):
-            raise ManifestError(f"{path}: Invalid value: {value!r}: must be a string")
+            raise _invalid(path, value, "must be a string")
         if isinstance(value, bool):
             return "true" if value else "false"
         return str(value)
-    raise ManifestError(f"{path}: unsupported field type")
+    raise ManifestError(f"{clip(path)}: unsupported field type")
 
 
 def _is_map(field: FieldDescriptor) -> bool:

@@ -18,6 +18,7 @@ from testbed.api.kinds import UnknownKind, kind_named, kind_of, unwrap, wrap
 from testbed.api.selectors import ObjectFilter, SelectorError
 from testbed.api.v1 import api_pb2 as pb
 from testbed.api.errors import ApiError, Expired, Unauthenticated
+from testbed.api.limits import MAX_MESSAGE_BYTES, check_size
 from testbed.apiserver.registry import Registry
 from google.protobuf.message import Message
 
@@ -55,6 +56,7 @@ class ApiService:
     # ------------------------------------------------------------ writes
 
     def _apply(self, op: pb.WriteOp) -> tuple[Message, list[Event]]:
+        check_size(op)  # whatever the client: no write over the limit is stored
         which = op.WhichOneof("op")
         if which == "create":
             return self.registry.create(unwrap(op.create.object), op.create.options.dry_run)
@@ -246,7 +248,7 @@ async def serve(state: StateDir, listen: str, service_cidr: str, node_port_range
     hub = WatchHub()
     bookmarks = asyncio.create_task(hub.run_bookmarks())
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     server.add_generic_rpc_handlers([_handlers(ApiService(registry, hub, token))])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

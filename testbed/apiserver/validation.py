@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from testbed.api.kube_json import int_or_string
 from testbed.api.selectors import SelectorError, label_selector_requirements, labels_match
 from testbed.api.v1 import api_pb2 as pb
-from testbed.api.errors import FieldError, duplicate, forbidden, invalid, required, unsupported
+from testbed.api.errors import FieldError, duplicate, forbidden, invalid, required, too_long, unsupported
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -28,6 +28,7 @@ SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
 TRAFFIC_POLICIES = ("Cluster", "Local")
 AFFINITIES = ("ClientIP", "None")
 MAX_AFFINITY_TIMEOUT = 86400
+TOTAL_ANNOTATION_SIZE_LIMIT = 256 * 1024  # bytes of keys and values together, as Kubernetes
 
 
 def dns1035_label(path: str, value: str) -> list[FieldError]:
@@ -107,6 +108,24 @@ def ip_address(path: str, value: str) -> list[FieldError]:
     return []
 
 
+def endpoint_ip(path: str, value: str) -> list[FieldError]:
+    """An address traffic is sent to (Kubernetes' ValidateEndpointIP): not unspecified, loopback or
+    link-local, which would make every node DNAT to itself. Global multicast passes, as upstream."""
+    errs = ip_address(path, value)
+    if errs:
+        return errs
+    a, b, c, _ = value.split(".")
+    if value == "0.0.0.0":
+        errs.append(invalid(path, value, f"may not be unspecified ({value})"))
+    if a == "127":
+        errs.append(invalid(path, value, "may not be in the loopback range (127.0.0.0/8, ::1/128)"))
+    if (a, b) == ("169", "254"):
+        errs.append(invalid(path, value, "may not be in the link-local range (169.254.0.0/16, fe80::/10)"))
+    if (a, b, c) == ("224", "0", "0"):
+        errs.append(invalid(path, value, "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"))
+    return errs
+
+
 def labels(path: str, values: dict[str, str]) -> list[FieldError]:
     errs = []
     for key, value in values.items():
@@ -119,6 +138,11 @@ def labels(path: str, values: dict[str, str]) -> list[FieldError]:
     return errs
 
 
+def annotations(path: str, values: dict[str, str]) -> list[FieldError]:
+    total = sum(len(k.encode()) + len(v.encode()) for k, v in values.items())
+    return [too_long(path, TOTAL_ANNOTATION_SIZE_LIMIT)] if total > TOTAL_ANNOTATION_SIZE_LIMIT else []
+
+
 def metadata(meta: pb.ObjectMeta, namespaced: bool, name_rule=dns1123_subdomain) -> list[FieldError]:
     errs = []
     if not meta.name:
@@ -128,6 +152,7 @@ def metadata(meta: pb.ObjectMeta, namespaced: bool, name_rule=dns1123_subdomain)
     if namespaced:
         errs += dns1123_label("metadata.namespace", meta.namespace)
     errs += labels("metadata.labels", dict(meta.labels))
+    errs += annotations("metadata.annotations", dict(meta.annotations))
     return errs
 
 
@@ -293,6 +318,7 @@ def validate_deployment(deploy: pb.Deployment) -> list[FieldError]:
         except SelectorError as exc:
             errs.append(invalid("spec.selector", "", str(exc)))
     errs += labels("spec.template.metadata.labels", dict(spec.template.metadata.labels))
+    errs += annotations("spec.template.annotations", dict(spec.template.metadata.annotations))
     errs += validate_pod_spec(spec.template.spec, "spec.template.spec")
     if spec.strategy.type not in ("RollingUpdate", "Recreate"):
         errs.append(unsupported("spec.strategy.type", spec.strategy.type, ("Recreate", "RollingUpdate")))
@@ -315,7 +341,7 @@ def validate_endpoint_slice(eps: pb.EndpointSlice) -> list[FieldError]:
         if not ep.addresses:
             errs.append(required(f"endpoints[{i}].addresses"))
         for j, addr in enumerate(ep.addresses):
-            errs += ip_address(f"endpoints[{i}].addresses[{j}]", addr)
+            errs += endpoint_ip(f"endpoints[{i}].addresses[{j}]", addr)
         if ep.node_name:
             errs += dns1123_subdomain(f"endpoints[{i}].nodeName", ep.node_name)
     names: set[str] = set()

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from testbed import naming
+from testbed.api.errors import plain
 from testbed.cli.common import Duration, Target, fail, pass_target, run_with_client
 from testbed.cli.printers import service_external_ip
 from testbed.cluster.config import ClusterConfig, ConfigError
@@ -208,7 +209,7 @@ def clean_cmd(target: Target) -> None:
 @pass_target
 def exec_cmd(target: Target, namespace: str, target_name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a pod's, node's or the client's namespace: svclab exec client -- curl ..."""
-
+    _check_target_name(target_name)
     netns = naming.node_netns(target.name, target_name)
     if not Path(naming.netns_path(netns)).exists():
         async def find(client):
@@ -221,6 +222,14 @@ def exec_cmd(target: Target, namespace: str, target_name: str, command: tuple[st
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
 
 
+def _check_target_name(name: str) -> None:
+    """Refuse a node or pod name that would make a netns path outside the cluster's (../other-node),
+    worded as client-go refuses such a resource name."""
+    problems = naming.path_segment_problems(name)
+    if problems:
+        fail(f'invalid resource name "{plain(name)}": [{" ".join(problems)}]')
+
+
 @click.command()
 @click.argument("node")
 @pass_target
@@ -231,6 +240,7 @@ def rules(target: Target, node: str) -> None:
     from testbed.proxy import backends
     from testbed.proxy.annotate import annotate
 
+    _check_target_name(node)
     netns = naming.node_netns(target.name, node)
     if not Path(naming.netns_path(netns)).exists():
         fail(f'no node "{node}" in cluster "{target.name}"')

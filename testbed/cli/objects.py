@@ -19,9 +19,9 @@ namespace_option = click.option("-n", "--namespace", default="", help="Namespace
 
 
 def _load(files: tuple[str, ...], namespace: str):
-    stdin_text = sys.stdin.read() if "-" in files else None
+    stdin = sys.stdin.buffer.read() if "-" in files else None  # bytes: decoded (or refused) as files are
     try:
-        manifest = load_paths(list(files), stdin_text, namespace)
+        manifest = load_paths(list(files), stdin, namespace)
     except ManifestInvalid as exc:
         fail(str(exc))
     for warning in manifest.warnings:
@@ -44,6 +44,8 @@ def _kind(name: str):
 def apply(target: Target, files: tuple[str, ...], namespace: str) -> None:
     """Create or update objects from Kubernetes YAML; a set with any bad object changes nothing."""
     manifest = _load(files, namespace)
+    if not manifest.objects:
+        fail("no objects passed to apply")
 
     async def run(client):
         try:
