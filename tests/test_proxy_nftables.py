@@ -690,6 +690,57 @@ def test_kernel_failed_sync_forces_a_replace(netns):
     assert not any(chain.endswith(names("ns2").base) for chain in listed(node)[0])
 
 
+@needs_kernel
+def test_kernel_restarted_backend_takes_over_the_table_in_place(netns):
+    """A new backend (kube-proxy started again) finds the table a previous one left: its first
+    sync flushes and rewrites it in place, so the table, its chains and sets keep their handles
+    and an affinity set keeps its entries (ClientIP clients stay put); the chains of a Service
+    deleted meanwhile go. Replacing the table would lose all that."""
+    node = netns.add("node")
+    services, slices = golden_objects()
+    with inside(node):
+        NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,))).sync(tracked(services, slices).state, None)
+
+    def handles() -> dict:
+        import json
+        out = {}
+        for item in json.loads(nft_in(node, "-j", "-a", "list", "table", "ip", "kube-proxy").stdout)["nftables"]:
+            for kind in ("table", "chain", "set", "map"):
+                if kind in item:
+                    out[(kind, item[kind]["name"])] = item[kind]["handle"]
+        return out
+
+    sticky = aff("ns5", "10.244.1.6")
+    nft_in(node, "add", "element", "ip", "kube-proxy", sticky, "{ 10.244.9.9 }")  # a client pinned to it
+    before = handles()
+    deleted = names("ns2")
+    assert ("chain", deleted.cluster) in before
+    tracker = tracked([s for s in services if s.metadata.name != "svc2"],
+                      [e for e in slices if e.metadata.labels["kubernetes.io/service-name"] != "svc2"])
+    restarted = NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,)))
+    with inside(node):
+        assert restarted.needs_full_sync()
+        restarted.sync(tracker.state, None)
+        assert not restarted.needs_full_sync()
+    assert not restarted.last_script.startswith("add table ip kube-proxy\ndelete table")
+    after = handles()
+    assert {k: h for k, h in before.items() if not k[1].endswith(deleted.base)} == after
+    assert not [k for k in after if k[1].endswith(deleted.base)]
+    assert "10.244.9.9" in nft_in(node, "list", "set", "ip", "kube-proxy", sticky).stdout
+    (chains, containers), (fresh_chains, fresh_containers) = listed(node), listed_after_a_fresh_load(netns, tracker.state)
+    assert chains == fresh_chains  # the same rules as a fresh load writes
+    assert {k: v for k, v in containers.items() if k != sticky} == {k: v for k, v in fresh_containers.items() if k != sticky}
+
+
+def listed_after_a_fresh_load(netns, state):
+    """The table a backend writes into an empty namespace for `state`: what a takeover must
+    end with too."""
+    fresh = netns.add("fresh")
+    with inside(fresh):
+        NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR, (NODE_IP,))).sync(state, None)
+    return listed(fresh)
+
+
 # ------------------------------------------------------------------ real packets
 
 @needs_kernel

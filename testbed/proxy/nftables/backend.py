@@ -1,7 +1,11 @@
 """The nftables backend: renders with proxy.nftables, applies each sync with one `nft -f`.
 
 It keeps what it programmed (nftables.Programmed) to compute the next partial sync, and
-forgets it when a write fails, so the next sync replaces the table. needs_full_sync() asks the
+forgets it when a write fails, so the next sync replaces the table. The first sync of a process
+takes over the table a previous kube-proxy left (upstream does too): it flushes and rewrites it
+in place, deleting the chains and affinity sets no Service uses, instead of replacing it, so a
+restart keeps the table, its chains and sets, and the affinity sets' entries (ClientIP clients
+stay on their endpoint). needs_full_sync() asks the
 kernel two small netlink questions (proxy/nfnetlink.py) instead of listing the table: is
 `ip kube-proxy` still the table this backend made (its handle), and does mark-for-masquerade
 still hold its rule (a `flush table` or `flush ruleset` by someone else empties it).
@@ -9,12 +13,14 @@ still hold its rule (a `flush table` or `flush ruleset` by someone else empties 
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 
 from testbed.proxy import kernel, nfnetlink
 from testbed.proxy import nftables as nft
 from testbed.proxy.backends import NodeSettings
+from testbed.proxy.nftables.names import CONTAINERS
 from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
@@ -29,6 +35,7 @@ class NftablesBackend:
         self.node_name = settings.node_name
         self._programmed: nft.Programmed | None = None  # None: the kernel's content is unknown
         self._table_handle: int | None = None
+        self._adopt = True  # the first sync takes over what a previous kube-proxy left
         self.last_script = ""  # the last script applied or attempted (for logs and tests)
 
     def needs_full_sync(self) -> bool:
@@ -49,7 +56,12 @@ class NftablesBackend:
 
     def sync(self, state: ProxyState, changed: set[ServicePortName] | None) -> dict[str, int]:
         """Apply the state (changed=None: in full); returns the rules and elements in the table."""
-        result = nft.render(state, changed, self._programmed, self.config)
+        previous = self._programmed
+        if previous is None and self._adopt:
+            previous = self._left_by_a_previous_kube_proxy()
+            changed = None
+        self._adopt = False  # from now on a failed write means: replace the table
+        result = nft.render(state, changed, previous, self.config)
         self.last_script = result.script
         if result.script:  # a partial sync of changes that cancel out writes nothing
             self._programmed = None  # unknown until the write succeeded
@@ -58,6 +70,22 @@ class NftablesBackend:
         if result.full:
             self._table_handle = nfnetlink.table_handle(nft.TABLE)
         return result.counts
+
+    def _left_by_a_previous_kube_proxy(self) -> nft.Programmed | None:
+        """The table's chains and affinity sets as a previous kube-proxy left them, as a full
+        sync's `previous` (which flushes what is there and deletes what is stale); None if
+        there is no table."""
+        if nfnetlink.table_handle(nft.TABLE) is None:
+            return None
+        listed = json.loads(kernel.run(["nft", "-j", "list", "chains", nft.FAMILY]))["nftables"]
+        chains = {c["chain"]["name"] for c in listed if "chain" in c and c["chain"]["table"] == nft.TABLE}
+        listed = json.loads(kernel.run(["nft", "-j", "list", "sets", "table", nft.FAMILY, nft.TABLE]))["nftables"]
+        sets = {s["set"]["name"]: s["set"].get("timeout", 0) for s in listed
+                if "set" in s and s["set"]["name"] not in CONTAINERS}
+        static = {name for name, *_ in nft.BASE_CHAINS} | set(nft.TOP_CHAINS)
+        log.info("table %s %s: taking over %d chains and %d affinity sets", nft.FAMILY, nft.TABLE,
+                 len(chains - static), len(sets))
+        return nft.Programmed(sets=sets, stale_chains=frozenset(chains - static))
 
     def check(self, state: ProxyState) -> None:
         """Raise kernel.RulesFailed if the state's full ruleset does not load (into a scratch

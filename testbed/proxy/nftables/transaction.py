@@ -8,8 +8,9 @@ written as chain blocks and elements as set declarations (the objects upstream's
 transactions write with `add rule` / `add element`), and a partial sync deletes nothing:
 - full sync (`changed=None`): create the table, `flush table` (rules only; affinity sets keep
   their entries), flush the dispatch maps, then write everything and delete what is stale. If
-  nothing is known about the kernel (`previous=None`: process start, or after a failed sync)
-  the table is replaced atomically instead (`add table; delete table; add table …`).
+  nothing is known about the kernel (`previous=None`: after a failed sync) the table is
+  replaced atomically instead (`add table; delete table; add table …`). At process start the
+  backend passes what a previous kube-proxy left (its chains and sets) as `previous`.
 - partial sync: for the changed ServicePortNames only, rewrite (flush + block) the chains whose
   rules differ from what was programmed, add the new chains, sets and elements, and flush the
   chains that went away. A set or map that loses an element, or where one changes value, is
