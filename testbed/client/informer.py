@@ -144,3 +144,6 @@ async def run_worker(
         except ApiError as exc:
             log.info("%s: %s: %s (retrying)", name, key, exc.message)
             queue.add_after(key, retry_delay)
+        # A reconcile that never awaits and a queue that is never empty would otherwise keep
+        # the loop to themselves for a whole backlog (health checks, watches, timers wait).
+        await asyncio.sleep(0)
