@@ -7,8 +7,8 @@
   (threads or eventlet) and the API client is grpc.aio.
 
 The edge bridge gets the controller with fail_mode=secure: when the controller is gone
-the switch keeps its rules (established connections live on, ARP is still answered)
-instead of falling back to a plain learning switch.
+the switch keeps its rules and groups (it goes on balancing new connections, carrying
+established ones and answering ARP) instead of falling back to a plain learning switch.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def start(config: ClusterConfig, state_dir: Path, processes: Supervisor, network
     port = free_port()
     processes.start(LB_CONTROLLER, [
         *common, "lb-controller", "--openflow-port", str(port), "--gw-port", str(EDGE_OFPORT_GW),
-        "--gw-mac", gw_mac, "--idle-timeout", str(config.lb_idle_timeout),
+        "--gw-mac", gw_mac, "--ct-zone", str(network.names.ct_zone),
     ])
     return port
 
