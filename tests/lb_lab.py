@@ -51,6 +51,9 @@ def lab(tmp_path_factory):
     finally:
         cluster.svclab("down", timeout=120)
         assert not leftovers(cluster.name, cluster.state), leftovers(cluster.name, cluster.state)
+        zone = Names(cluster.name, 0).ct_zone  # `down` flushed the cluster's conntrack zone
+        left = subprocess.run(["ovs-appctl", "dpctl/dump-conntrack", f"zone={zone}"], capture_output=True, text=True)
+        assert not left.stdout.strip(), left.stdout
         assert not subprocess.run(["pgrep", "-af", f"{cluster.state}"], capture_output=True, text=True).stdout
 
 

@@ -16,6 +16,7 @@ from testbed.cloud.cloud_controller import lb_relevant
 from testbed.cloud.lb_table import LoadBalancer, Port, Table
 from testbed.cloud.ipam import Pool
 from testbed.cluster.config import ClusterConfig, ConfigError
+from testbed.cluster.topo import Names
 
 pytestmark = pytest.mark.unit
 
@@ -290,3 +291,9 @@ def test_unrelated_services_and_node_heartbeats_neither_queue_work_nor_republish
     assert len(feed.published) == 1
     cc._service_event("ADDED", None, service("web", "LoadBalancer"))
     assert cc.queue._queue.qsize() == 1 and list(cc.lbs) == [("default", "web")]
+
+
+def test_each_cluster_has_a_conntrack_zone_of_its_own():
+    zones = {Names(f"c{i}", 3).ct_zone for i in range(200)}
+    assert len(zones) == 200 and all(1 <= z <= 65535 for z in zones)
+    assert Names("lab", 3).ct_zone == Names("lab", 7).ct_zone  # the name alone decides
