@@ -91,7 +91,7 @@ class Balancer:
         return changes
 
     def _rule_changes(self, want: dict[tuple, Rule]) -> list[Change]:
-        gone_ips = {ip for ip in self._external_ips(self.rules) - self._external_ips(want)}
+        gone_ips = self._external_ips(self.rules) - self._external_ips(want)
         changes: list[Change] = [flows.delete_lb(ip) for ip in sorted(gone_ips)]
         for key, rule in self.rules.items():
             if key not in want and self._ip_of(rule) not in gone_ips:
