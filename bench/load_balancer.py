@@ -1,4 +1,4 @@
-"""Cloud load balancer benchmark: node-crash failover and rolling pod churn behind a LoadBalancer Service.
+"""Cloud load balancer benchmark: node-crash failover, rolling pod churn and the new-connection rate.
 
 Goals (load balancer issue):
 
@@ -17,7 +17,16 @@ Goals (load balancer issue):
    it, a pod that stops at once loses the requests already sent its way (run once with
    --no-prestop to see how many: it was 13-14 of 240).
 
-    PYTHONPATH=. python -m bench.load_balancer [--runs 3] [--quick]
+3. New-connection rate through the external IP against straight to a NodePort, in the
+   same run on the same pods: 20 clients (processes in the client namespace) each open
+   500 new connections one after another (bench/connrate.py), rounds alternating
+   NodePort / external IP. Goal: rate >= 0.8x the NodePort's, p99 <= 2x, no failed
+   connection. The NodePort baseline is a NodePort Service of its own over the same
+   pods, its clients spread over the three nodes as the load balancer spreads its
+   connections. Also counted: the new connections the switch's select group handed out
+   (must equal the connections made) and packet-ins at the app (must be 0).
+
+    PYTHONPATH=. python -m bench.load_balancer [--runs 3] [--quick] [--cases failover,churn,rate]
 
 The crash takes the node's port on the nodes bridge down (the machine drops off the
 network; its kubelet keeps reporting, so its pods stay in the endpoints): the crashed
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import string
 import subprocess
 import sys
@@ -40,12 +50,16 @@ from pathlib import Path
 
 from bench.cluster import svclab, teardown
 from bench.common import REPO, RESULTS, print_table
+from controller import flows
+from testbed.cloud.lb_table import Port
 from testbed.cluster import cloud_lb
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
 RATE = 20.0
 REQUEST_TIMEOUT = 1.0
 GOAL_WINDOW_S = 2.0
+RATE_CLIENTS, RATE_CONNECTIONS, RATE_ROUNDS = 20, 500, 2
+GOAL_RATE_RATIO, GOAL_P99_RATIO = 0.8, 2.0
 
 
 def deployment(name: str, replicas: int, revision: str = "1", pre_stop: int = 0) -> str:
@@ -197,11 +211,12 @@ def churn_run(lab: Lab, url: str, revision: str, pre_stop: int) -> dict:
 
 def bench_churn(lab: Lab, pre_stop: int) -> dict:
     """The same rolling update through the load balancer and, for comparison, straight to node1's NodePort."""
-    lab.apply(deployment("churn", 3, "1", pre_stop))
+    lab.apply(deployment("churn", 3, "1", pre_stop) + "---\n" + node_port_service("churn-np", "churn"))
     lab.pods_ready("churn", 3, "1")
     ip = lab.external_ip("churn")
     lab.wait_backends(ip, set(NODES.values()))
-    node_port = lab.json("svc", "churn")["spec"]["ports"][0]["nodePort"]
+    # a NodePort Service of its own (see docs/load-balancer.md, "Known limit")
+    node_port = lab.json("svc", "churn-np")["spec"]["ports"][0]["nodePort"]
     runs = [churn_run(lab, f"http://{ip}/", "2", pre_stop),
             churn_run(lab, f"http://{NODES['node1']}:{node_port}/", "3", pre_stop)]
     drain = f"preStop sleep {pre_stop} s" if pre_stop else "no preStop"
@@ -215,12 +230,82 @@ def bench_churn(lab: Lab, pre_stop: int) -> dict:
     return {"via_load_balancer": runs[0], "via_node_port": runs[1]}
 
 
+def node_port_service(name: str, app: str) -> str:
+    return f"""apiVersion: v1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  type: NodePort
+  selector: {{app: {app}}}
+  ports: [{{port: 80, targetPort: 8080}}]
+"""
+
+
+def connrate(lab: Lab, targets: list[str], clients: int, connections: int) -> dict:
+    proc = subprocess.run(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "bench.connrate",
+                           *targets, "--clients", str(clients), "--connections", str(connections), "--timeout", "3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"connrate: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def packet_ins(lab: Lab) -> int:
+    return len(re.findall("unexpected packet-in", (lab.state / "logs" / "lb-controller.log").read_text()))
+
+
+def bench_rate(lab: Lab, clients: int, connections: int, rounds: int) -> dict:
+    """Rounds alternate NodePort / external IP, so the machine's other load hits both alike."""
+    lab.apply(deployment("rate", 3) + "---\n" + node_port_service("rate-np", "rate"))
+    lab.pods_ready("rate", 3)
+    ip = lab.external_ip("rate")
+    lab.wait_backends(ip, set(NODES.values()))
+    node_port = lab.json("svc", "rate-np")["spec"]["ports"][0]["nodePort"]
+    gid = flows.group_id(ip, Port("TCP", 80, 0))
+    bridge = f"{lab.name}-edge"
+    paths = {"node_port": [f"{n}:{node_port}" for n in NODES.values()], "external_ip": [f"{ip}:80"]}
+    runs: dict[str, list[dict]] = {"node_port": [], "external_ip": []}
+    before, punted = sum(cloud_lb.group_new_connections(bridge, gid).values()), packet_ins(lab)
+    for _ in range(rounds):
+        for path, targets in paths.items():
+            runs[path].append(connrate(lab, targets, clients, connections))
+    grouped = sum(cloud_lb.group_new_connections(bridge, gid).values()) - before
+    summary = {path: _combine(r) for path, r in runs.items()}
+    np_, lb = summary["node_port"], summary["external_ip"]
+    ratios = {"rate": lb["rate"] / np_["rate"], "p50": lb["p50_ms"] / np_["p50_ms"], "p99": lb["p99_ms"] / np_["p99_ms"]}
+    made = sum(r["answered"] + r["failed"] for r in runs["external_ip"])
+    rows = [[label, f"{x['rate']:.0f}", f"{x['p50_ms']:.1f}", f"{x['p99_ms']:.1f}", f"{x['failed']} / {x['total']}"]
+            for label, x in (("straight to a NodePort", np_), ("through the external IP", lb))]
+    rows.append(["external IP / NodePort", f"{ratios['rate']:.2f}x", f"{ratios['p50']:.2f}x", f"{ratios['p99']:.2f}x", ""])
+    print_table(f"\n### New connections, {clients} clients x {connections} each, {rounds} rounds per path "
+                f"(goal: rate >= {GOAL_RATE_RATIO}x, p99 <= {GOAL_P99_RATIO:.0f}x, 0 failed)",
+                ["path", "connections/s", "p50 ms", "p99 ms", "failed / connections"], rows)
+    print(f"new connections handed out by the switch's group: {grouped} of {made} made; "
+          f"packet-ins at the app: {packet_ins(lab) - punted}")
+    return {"node_port": runs["node_port"], "external_ip": runs["external_ip"], "summary": summary,
+            "ratios": ratios, "group_connections": grouped, "connections_made": made,
+            "packet_ins": packet_ins(lab) - punted}
+
+
+def _combine(runs: list[dict]) -> dict:
+    """Rounds of one path: rate over all of them; p50/p99 the mean of the rounds' (each over 10k connections)."""
+    answered, seconds = sum(r["answered"] for r in runs), sum(r["seconds"] for r in runs)
+    return {"rate": answered / seconds, "p50_ms": sum(r["p50_ms"] for r in runs) / len(runs),
+            "p99_ms": sum(r["p99_ms"] for r in runs) / len(runs), "failed": sum(r["failed"] for r in runs),
+            "total": sum(r["answered"] + r["failed"] for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="node crashes")
     parser.add_argument("--quick", action="store_true", help="one crash")
     parser.add_argument("--no-prestop", action="store_true", help="churn with pods that stop at once")
+    parser.add_argument("--cases", default="failover,churn,rate", help="which of failover, churn, rate")
+    parser.add_argument("--clients", type=int, default=RATE_CLIENTS, help="rate: client processes")
+    parser.add_argument("--connections", type=int, default=RATE_CONNECTIONS, help="rate: per client per round")
+    parser.add_argument("--rounds", type=int, default=RATE_ROUNDS, help="rate: rounds per path")
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
     name = "bl" + "".join(random.choices(string.ascii_lowercase, k=4))
     with tempfile.TemporaryDirectory(prefix="svclab-bench-lb-") as tmp:
         root = Path(tmp)
@@ -229,7 +314,13 @@ def main() -> None:
             proc = svclab(root, name, "up", "--detach", "--nodes", "3", timeout=240)
             if proc.returncode != 0:
                 raise RuntimeError(f"svclab up failed:\n{proc.stderr[-3000:]}")
-            results = {"failover": bench_failover(lab, 1 if args.quick else args.runs), "churn": bench_churn(lab, 0 if args.no_prestop else 2)}
+            results = {}
+            if "rate" in cases:
+                results["rate"] = bench_rate(lab, args.clients, args.connections, 1 if args.quick else args.rounds)
+            if "failover" in cases:
+                results["failover"] = bench_failover(lab, 1 if args.quick else args.runs)
+            if "churn" in cases:
+                results["churn"] = bench_churn(lab, 0 if args.no_prestop else 2)
         finally:
             teardown(root, name)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -1,129 +1,114 @@
-"""Which node gets a new connection, and which rules change when the table or the switch does.
+"""Which rules and groups change when the table or the switch does.
 
-Pure: no os-ken, no sockets. The app feeds it events and sends the rules it returns.
+Pure: no os-ken, no sockets. The Balancer keeps what it believes the switch holds (rules
+by key, groups by id) and answers each event with the changes that take the switch from
+that to what the table wants: a node that turns unhealthy changes only its groups'
+buckets, so established connections (in the tracker) keep their node and new ones go
+to the others at once. Nothing here runs per connection.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from controller import flows
-from controller.flows import Connection, Delete, Rule
-from testbed.cloud.lb_table import LoadBalancer, Table
+from controller.flows import Change, DataPath, Group, GroupMod, Rule
+from testbed.cloud.lb_table import Table
 
 log = logging.getLogger("svclab.lb")
 
-Change = Rule | Delete
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What a (re)connected switch held and what it took to make it right."""
+
+    rules_kept: int
+    groups_kept: int
+    rules_added: int
+    rules_removed: int
+    groups_added: int
+    groups_modified: int
+    groups_removed: int
+
+    def __str__(self) -> str:
+        return (f"kept {self.rules_kept} rules and {self.groups_kept} groups as they were; "
+                f"rules +{self.rules_added} -{self.rules_removed}, groups +{self.groups_added} "
+                f"~{self.groups_modified} -{self.groups_removed}")
 
 
 class Balancer:
-    def __init__(self, gw_port: int, gw_mac: str, idle_timeout: int = 60, deny_timeout: int = 10) -> None:
-        self.gw_port = gw_port
-        self.gw_mac = gw_mac
-        self.idle_timeout = idle_timeout
-        self.deny_timeout = deny_timeout
+    def __init__(self, dp: DataPath) -> None:
+        self.dp = dp
         self.table: Table | None = None
-        self.connections: dict[tuple, Connection] = {}
-        self._next: dict[str, int] = {}  # external IP -> round-robin position
+        self.rules: dict[tuple, Rule] = {}  # what the switch holds, as far as we know
+        self.groups: dict[int, Group] = {}
+        self.last_sync: SyncReport | None = None
 
-    # ---- the table (from the cloud-controller) ---------------------------------------------
     def set_table(self, new: Table) -> list[Change]:
-        """Rules to go from the current table to `new` (the switch is assumed to hold the current one)."""
-        old = self.table.by_ip() if self.table is not None else {}
+        """Changes that take the switch from what it holds to what `new` wants."""
         self.table = new
-        changes: list[Change] = []
-        wanted = new.by_ip()
-        for ip in old.keys() - wanted.keys():
-            changes.append(flows.delete_lb(ip))
-            self._forget(lambda c, ip=ip: c.external_ip == ip)
-        for ip, lb in wanted.items():
-            before = old.get(ip)
-            if before is None:
-                changes += flows.lb_rules(lb)
-                continue
-            if (before.ports, before.source_ranges) != (lb.ports, lb.source_ranges):
-                changes += flows.delete_standing(ip) + flows.lb_rules(lb)
-            changes += self._drop_connections(lb)
-        return changes
+        return self._converge()
 
-    def _drop_connections(self, lb: LoadBalancer) -> list[Change]:
-        """Connections to nodes no longer healthy, or to ports no longer served: gone, so clients retry at once."""
-        changes: list[Change] = []
-        for key, conn in list(self.connections.items()):
-            if conn.external_ip != lb.ip:
-                continue
-            port = lb.port_for(conn.ip_proto, conn.port)
-            if conn.node not in lb.backends or port is None or port.node_port != conn.node_port:
-                changes += flows.delete_connection(conn, self.gw_port)
-                del self.connections[key]
-        return changes
+    def switch_connected(self, rules: list[Rule], groups: list[Group]) -> list[Change]:
+        """After (re)connecting: start from what the switch holds (our rules and all groups), then converge.
 
-    def _forget(self, predicate) -> None:
-        for key in [k for k, c in self.connections.items() if predicate(c)]:
-            del self.connections[key]
-
-    # ---- the switch ------------------------------------------------------------------------
-    def switch_connected(self, installed: list[tuple[int, dict, tuple]]) -> list[Change]:
-        """After (re)connecting to the switch: re-learn connections from its rules, repair the rest.
-
-        installed: (cookie, match, actions) of every rule the switch holds.
+        A restarted app re-learns the groups it left (their buckets are the nodes the
+        switch balances over) and changes only what the table no longer wants, so the
+        switch forwards throughout and established connections never notice.
         """
-        wanted = self.table.by_ip() if self.table is not None else {}
-        changes: list[Change] = list(flows.base_rules())
-        stale: set[str] = set()
-        self.connections.clear()
-        for value, match, actions in installed:
-            parsed = flows.parse_cookie(value)
-            if parsed is None:
-                continue
-            kind, ip = parsed
-            if self.table is not None and ip not in wanted:
-                stale.add(ip)
-            elif kind == flows.FORWARD:
-                conn = flows.connection_from_rule(match, actions, ip)
-                if conn is not None:
-                    self.connections[conn.key] = conn
-        changes += [flows.delete_lb(ip) for ip in sorted(stale)]
-        for lb in wanted.values():
-            changes += flows.lb_rules(lb)  # ADD of an existing rule only refreshes it
-            changes += self._drop_connections(lb)
-        log.info("switch connected: %d connections re-learned, %d stale external IPs removed",
-                 len(self.connections), len(stale))
+        self.rules = {r.key: r for r in rules if flows.parse_cookie(r.cookie) is not None}
+        self.groups = {g.group_id: g for g in groups}
+        if self.table is None:
+            return []
+        before_rules, before_groups = dict(self.rules), dict(self.groups)
+        changes = self._converge()
+        for rule in (c for c in changes if isinstance(c, Rule) and c.key in before_rules):
+            log.info("replacing %s (the switch had %s)", rule, before_rules[rule.key])
+        self.last_sync = SyncReport(
+            rules_kept=sum(1 for k, r in before_rules.items() if self.rules.get(k) == r),
+            groups_kept=sum(1 for i, g in before_groups.items() if self.groups.get(i) == g),
+            rules_added=sum(1 for c in changes if isinstance(c, Rule)),
+            rules_removed=sum(1 for c in changes if isinstance(c, flows.Delete)),
+            groups_added=sum(1 for c in changes if isinstance(c, GroupMod) and c.command == "add"),
+            groups_modified=sum(1 for c in changes if isinstance(c, GroupMod) and c.command == "modify"),
+            groups_removed=sum(1 for c in changes if isinstance(c, GroupMod) and c.command == "delete"),
+        )
+        log.info("switch connected: %s", self.last_sync)
         return changes
 
-    def new_packet(self, in_port: int, ip_proto: int, client: str, client_port: int, dst: str,
-                   dst_port: int) -> tuple[list[Change], Connection | None]:
-        """A packet the switch had no connection rule for: pick a node (or refuse). Returns rules, connection."""
-        lb = self.table.by_ip().get(dst) if self.table is not None else None
-        port = lb.port_for(ip_proto, dst_port) if lb is not None else None
-        if lb is None or port is None:
-            return [], None
-        if not lb.allows(client):
-            return [flows.deny_rule(ip_proto, client, dst, dst_port, self.deny_timeout)], None
-        key = (ip_proto, client, client_port, dst, dst_port)
-        conn = self.connections.get(key)
-        if conn is None or conn.node not in lb.backends:
-            if not lb.backends:
-                return [], None
-            i = self._next.get(dst, 0)
-            self._next[dst] = i + 1
-            node = lb.backends[i % len(lb.backends)]
-            conn = Connection(in_port, ip_proto, client, client_port, dst, dst_port, node, port.node_port)
-            self.connections[key] = conn
-        return flows.connection_rules(conn, self.gw_port, self.gw_mac, self.idle_timeout), conn
+    def _converge(self) -> list[Change]:
+        """Groups first (a rule may only point at a group that exists), then rules, then groups no rule needs."""
+        want_rules, want_groups = flows.pipeline(self.table or Table(), self.dp)
+        changes: list[Change] = []
+        for gid, group in want_groups.items():
+            have = self.groups.get(gid)
+            if have != group:
+                changes.append(GroupMod("add" if have is None else "modify", group))
+        changes += self._rule_changes(want_rules)
+        changes += [GroupMod("delete", g) for gid, g in sorted(self.groups.items()) if gid not in want_groups]
+        self.rules, self.groups = want_rules, want_groups
+        return changes
 
-    def flow_removed(self, value: int, match: dict) -> None:
-        """A connection's forward rule idled out."""
-        parsed = flows.parse_cookie(value)
-        if parsed is None or parsed[0] != flows.FORWARD:
-            return
-        key = flows.connection_key(match, parsed[1])
-        if key is not None:
-            self.connections.pop(key, None)
+    def _rule_changes(self, want: dict[tuple, Rule]) -> list[Change]:
+        gone_ips = self._external_ips(self.rules) - self._external_ips(want)
+        changes: list[Change] = [flows.delete_lb(ip) for ip in sorted(gone_ips)]
+        for key, rule in self.rules.items():
+            if key not in want and self._ip_of(rule) not in gone_ips:
+                changes.append(flows.delete_rule(rule))
+        # an ADD of a rule that exists replaces it in place (OpenFlow): no gap for its packets
+        changes += [rule for key, rule in want.items() if self.rules.get(key) != rule]
+        return changes
 
-    def counts(self) -> dict[str, int]:
-        """Open connections per node."""
-        out: dict[str, int] = {}
-        for conn in self.connections.values():
-            out[conn.node] = out.get(conn.node, 0) + 1
-        return out
+    @staticmethod
+    def _ip_of(rule: Rule) -> str | None:
+        parsed = flows.parse_cookie(rule.cookie)
+        return parsed[1] if parsed is not None and parsed[0] != flows.BASE else None
+
+    @classmethod
+    def _external_ips(cls, rules: dict[tuple, Rule]) -> set[str]:
+        return {ip for ip in (cls._ip_of(r) for r in rules.values()) if ip is not None}
+
+    def backends(self) -> dict[int, list[tuple[str, int]]]:
+        """Per group: the (node, nodePort) its buckets send new connections to."""
+        return {gid: flows.backends_of(g) for gid, g in sorted(self.groups.items())}

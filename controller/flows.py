@@ -1,65 +1,126 @@
-"""OpenFlow 1.3 rules of the edge bridge, built as plain data (pure: no switch, no os-ken).
+"""The edge bridge's OpenFlow 1.3 pipeline, built as plain data (pure: no switch, no os-ken).
 
-Layout of table 0 (higher priority wins)::
+Every new connection is balanced in the switch, as OVN's load balancers do: a select
+group per service port with one bucket per healthy node, whose bucket commits the
+connection to Open vSwitch's connection tracker with DNAT to nodeIP:nodePort. Later
+packets (both ways) follow the tracker's entry, so a connection keeps its node whatever
+happens to the group, and nothing of a connection goes through the controller.
 
-    500  one connection, both directions: client->extIP:port rewritten to gwMAC,
-         nodeIP:nodePort (out the gw port); nodeIP:nodePort->client rewritten back
-         to vMAC, extIP:port (out the client's port). Idle timeout; cookie FORWARD/REPLY.
-    400  a client outside loadBalancerSourceRanges: dropped (cookie DENY, idle timeout)
-    300  ARP request for an external IP: answered in the switch (cookie ARP), so
-         ARP keeps working while the controller restarts
-    200  first packet of a new connection to extIP:port -> controller (cookie PUNT)
-    100  anything else to an external IP: dropped (cookie GUARD)
+Tables (higher priority wins)::
+
+  0 classify
+    300  ARP request for an external IP: answered in the switch (vMAC 02:00:<IP>)
+    250  client -> extIP:port [from a loadBalancerSourceRange]: ct(zone, nat) -> table 1
+    200  from the gw port, TCP/UDP from a nodePort: ct(zone, nat) -> table 3
+    100  anything else to an external IP (a client outside the ranges, other ports): drop
       0  everything else: NORMAL (client <-> gw routing, ARP between them)
+  1 forward, after the tracker
+    200  +trk+new-dnat, to extIP:port: group (pick a node, commit, DNAT) -> table 2
+    100  +trk+dnat (an established connection, or a retransmitted SYN): table 2
+      0  anything else (+inv, ...): drop
+  2 to the gateway
+      0  set the gw's MAC, out the gw port
+  3 reply, after the tracker
+    200  +trk+rpl from extIP (the tracker undid the DNAT): vMAC, out the port the
+         connection came in on (the bucket stored it in ct_mark)
+      0  NORMAL (a reply of a connection we never saw: straight to a NodePort)
 
-Cookies: kind << 56 | MARK << 32 | external IP, so all rules of one external IP go with
-one delete (cookie mask on the low 32 bits), and a restarted controller reads what a
-rule is for from its cookie and its match.
+Group ids: (external IP & 0x3FFF) << 17 | UDP << 16 | port (see group_id). The zone is
+the cluster's own (conntrack zones are shared by every bridge of ovs-vswitchd).
+Cookies: kind << 56 | MARK << 32 | external IP (0.0.0.0 for the fixed rules), so all
+rules of one external IP go with one delete and a restarted app reads what each rule
+is for.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from testbed.cloud.lb_table import LoadBalancer
+from testbed.cloud.lb_table import LoadBalancer, Port, Table
 
-ARP, PUNT, GUARD, FORWARD, REPLY, DENY = 1, 2, 3, 4, 5, 6
+BASE, ARP, FORWARD, REPLY, GUARD = 1, 2, 3, 4, 5
 MARK = 0x5CB0
 IP_MASK = 0xFFFFFFFF
 OURS_MASK = 0xFFFF << 32  # the marker: any rule of ours
+FULL_MASK = 0xFFFFFFFFFFFFFFFF
 
-PRIO_CONN, PRIO_DENY, PRIO_ARP, PRIO_PUNT, PRIO_GUARD, PRIO_NORMAL = 500, 400, 300, 200, 100, 0
+T_CLASSIFY, T_FORWARD, T_TO_GW, T_REPLY = 0, 1, 2, 3
+PRIO_ARP, PRIO_LB, PRIO_REPLY, PRIO_GUARD, PRIO_CT, PRIO_DEFAULT = 300, 250, 200, 100, 100, 0
 ETH_IP, ETH_ARP = 0x0800, 0x0806
 
-Action = tuple  # ("output", port) | ("set", field, value) | ("move", src, dst, bits) | ("normal",) | ("controller",) | ("in_port",)
+# ct_state bits (ovs-fields(7))
+CT_NEW, CT_EST, CT_REL, CT_RPL, CT_INV, CT_TRK, CT_SNAT, CT_DNAT = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+CT_FIRST = (CT_TRK | CT_NEW, CT_TRK | CT_NEW | CT_DNAT)  # +trk+new-dnat: nobody picked a node yet
+CT_NATTED = (CT_TRK | CT_DNAT, CT_TRK | CT_DNAT)  # +trk+dnat
+CT_REPLY = (CT_TRK | CT_RPL, CT_TRK | CT_RPL)  # +trk+rpl
+
+# Actions, as tuples:
+#   ("output", port) ("in_port",) ("normal",) ("set", field, value) ("move", src, dst, bits)
+#   ("ct", zone, table)                      ct(zone=Z, nat, table=T): look up, apply the entry's NAT
+#   ("ct_dnat", zone, table, ip, port)       ct(commit, zone=Z, nat(dst=ip:port),
+#                                               exec(move in_port -> ct_mark[0..15]), table=T)
+#   ("group", id) ("output_ct_mark",)        output:ct_mark[0..15]
+#   ("goto", table)                          the goto_table instruction (last)
+Action = tuple
 
 
 @dataclass(frozen=True)
 class Rule:
+    table: int
     priority: int
     match: dict
     actions: tuple[Action, ...]
     cookie: int = 0
-    idle_timeout: int = 0
-    notify_removed: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """What makes a rule itself in the switch (OpenFlow: table, priority, match)."""
+        return self.table, self.priority, tuple(sorted(self.match.items()))
 
 
 @dataclass(frozen=True)
 class Delete:
-    """Delete rules: by cookie (under cookie_mask) and, if given, a match (strict: exact priority too)."""
+    """Delete rules of all tables by cookie (under cookie_mask), or, with table set, exactly one rule (strict)."""
 
     cookie: int
     cookie_mask: int
-    match: dict = field(default_factory=dict)
-    priority: int | None = None  # set: strict delete of exactly this rule
+    table: int | None = None
+    priority: int = 0
+    match: tuple = ()  # Rule.key's sorted match items
+
+
+@dataclass(frozen=True)
+class Group:
+    """A select group: one bucket (a tuple of actions) per healthy node; no bucket drops."""
+
+    group_id: int
+    buckets: tuple[tuple[Action, ...], ...]
+
+
+@dataclass(frozen=True)
+class GroupMod:
+    command: str  # "add", "modify" or "delete"
+    group: Group
+
+
+@dataclass(frozen=True)
+class DataPath:
+    """What the pipeline needs to know about the bridge: the gw's port and MAC, the cluster's zone."""
+
+    gw_port: int
+    gw_mac: str
+    zone: int
+
+
+Change = Rule | Delete | GroupMod
 
 
 def ip_int(ip: str) -> int:
     return int(ipaddress.IPv4Address(ip))
 
 
-def cookie(kind: int, external_ip: str) -> int:
+def cookie(kind: int, external_ip: str = "0.0.0.0") -> int:
     return kind << 56 | MARK << 32 | ip_int(external_ip)
 
 
@@ -79,116 +140,98 @@ def l4(ip_proto: int) -> str:
     return "tcp" if ip_proto == 6 else "udp"
 
 
-def base_rules() -> list[Rule]:
-    return [Rule(PRIO_NORMAL, {}, (("normal",),))]
+def group_id(external_ip: str, port: Port) -> int:
+    """One group per service port: low 14 bits of the IP, UDP or not, the port (pools hold <= 16,384 IPs)."""
+    return (ip_int(external_ip) & 0x3FFF) << 17 | (port.ip_proto == 17) << 16 | port.port
 
 
-def lb_rules(lb: LoadBalancer) -> list[Rule]:
-    """The standing rules of one external IP: ARP answers, new connections to the controller, a guard."""
-    vmac = virtual_mac(lb.ip)
-    rules = [Rule(
-        PRIO_ARP, {"eth_type": ETH_ARP, "arp_op": 1, "arp_tpa": lb.ip},
+def source_match(cidr: str) -> dict:
+    net = ipaddress.IPv4Network(cidr, strict=False)
+    if net.prefixlen == 0:
+        return {}
+    if net.prefixlen == 32:
+        return {"ipv4_src": str(net.network_address)}
+    return {"ipv4_src": (str(net.network_address), str(net.netmask))}
+
+
+def base_rules(dp: DataPath) -> list[Rule]:
+    """The fixed rules, whatever the table holds."""
+    c = cookie(BASE)
+    return [
+        Rule(T_CLASSIFY, PRIO_DEFAULT, {}, (("normal",),), c),
+        Rule(T_FORWARD, PRIO_CT, {"eth_type": ETH_IP, "ct_state": CT_NATTED}, (("goto", T_TO_GW),), c),
+        Rule(T_FORWARD, PRIO_DEFAULT, {}, (), c),
+        Rule(T_TO_GW, PRIO_DEFAULT, {}, (("set", "eth_dst", dp.gw_mac), ("output", dp.gw_port)), c),
+        Rule(T_REPLY, PRIO_DEFAULT, {}, (("normal",),), c),
+    ]
+
+
+def arp_rule(ip: str) -> Rule:
+    vmac = virtual_mac(ip)
+    return Rule(
+        T_CLASSIFY, PRIO_ARP, {"eth_type": ETH_ARP, "arp_op": 1, "arp_tpa": ip},
         (("move", "eth_src", "eth_dst", 48), ("set", "eth_src", vmac), ("set", "arp_op", 2),
          ("move", "arp_sha", "arp_tha", 48), ("move", "arp_spa", "arp_tpa", 32),
-         ("set", "arp_sha", vmac), ("set", "arp_spa", lb.ip), ("in_port",)),
-        cookie(ARP, lb.ip),
-    )]
-    for port in lb.ports:
-        rules.append(Rule(
-            PRIO_PUNT, {"eth_type": ETH_IP, "ip_proto": port.ip_proto, "ipv4_dst": lb.ip,
-                        f"{l4(port.ip_proto)}_dst": port.port},
-            (("controller",),), cookie(PUNT, lb.ip),
-        ))
-    rules.append(Rule(PRIO_GUARD, {"eth_type": ETH_IP, "ipv4_dst": lb.ip}, (), cookie(GUARD, lb.ip)))
+         ("set", "arp_sha", vmac), ("set", "arp_spa", ip), ("in_port",)),
+        cookie(ARP, ip),
+    )
+
+
+def port_rules(lb: LoadBalancer, port: Port, dp: DataPath) -> list[Rule]:
+    """Both directions of one service port: into the tracker, the group, and the replies back into the tracker."""
+    t = l4(port.ip_proto)
+    to_lb = {"eth_type": ETH_IP, "ip_proto": port.ip_proto, "ipv4_dst": lb.ip, f"{t}_dst": port.port}
+    fwd, rpl = cookie(FORWARD, lb.ip), cookie(REPLY, lb.ip)
+    sources = [source_match(r) for r in lb.source_ranges] or [{}]
+    rules = [Rule(T_CLASSIFY, PRIO_LB, {**to_lb, **src}, (("ct", dp.zone, T_FORWARD),), fwd) for src in sources]
+    rules.append(Rule(T_FORWARD, PRIO_LB, {**to_lb, "ct_state": CT_FIRST}, (("group", group_id(lb.ip, port)),), fwd))
+    rules.append(Rule(T_CLASSIFY, PRIO_REPLY, {"in_port": dp.gw_port, "eth_type": ETH_IP, "ip_proto": port.ip_proto,
+                                               f"{t}_src": port.node_port}, (("ct", dp.zone, T_REPLY),), rpl))
     return rules
 
 
-@dataclass(frozen=True)
-class Connection:
-    """One client connection (or UDP flow) to an external IP, and the node it was given."""
-
-    in_port: int
-    ip_proto: int
-    client: str
-    client_port: int
-    external_ip: str
-    port: int
-    node: str
-    node_port: int
-
-    @property
-    def key(self) -> tuple:
-        return (self.ip_proto, self.client, self.client_port, self.external_ip, self.port)
+def lb_rules(lb: LoadBalancer, dp: DataPath) -> list[Rule]:
+    """Every rule of one external IP."""
+    rules = [arp_rule(lb.ip)]
+    for port in lb.ports:
+        rules += port_rules(lb, port, dp)
+    rules.append(Rule(T_REPLY, PRIO_REPLY, {"eth_type": ETH_IP, "ipv4_src": lb.ip, "ct_state": CT_REPLY},
+                      (("set", "eth_src", virtual_mac(lb.ip)), ("output_ct_mark",)), cookie(REPLY, lb.ip)))
+    rules.append(Rule(T_CLASSIFY, PRIO_GUARD, {"eth_type": ETH_IP, "ipv4_dst": lb.ip}, (), cookie(GUARD, lb.ip)))
+    return rules
 
 
-def connection_rules(conn: Connection, gw_port: int, gw_mac: str, idle_timeout: int) -> list[Rule]:
-    t = l4(conn.ip_proto)
-    forward = Rule(
-        PRIO_CONN, forward_match(conn),
-        (("set", "eth_dst", gw_mac), ("set", "ipv4_dst", conn.node), ("set", f"{t}_dst", conn.node_port),
-         ("output", gw_port)),
-        cookie(FORWARD, conn.external_ip), idle_timeout, notify_removed=True,
-    )
-    reply = Rule(
-        PRIO_CONN, reply_match(conn, gw_port),
-        (("set", "eth_src", virtual_mac(conn.external_ip)), ("set", "ipv4_src", conn.external_ip),
-         ("set", f"{t}_src", conn.port), ("output", conn.in_port)),
-        cookie(REPLY, conn.external_ip), idle_timeout,
-    )
-    return [forward, reply]
+def bucket(dp: DataPath, node: str, node_port: int) -> tuple[Action, ...]:
+    return (("ct_dnat", dp.zone, T_TO_GW, node, node_port),)
 
 
-def forward_match(conn: Connection) -> dict:
-    t = l4(conn.ip_proto)
-    return {"in_port": conn.in_port, "eth_type": ETH_IP, "ip_proto": conn.ip_proto, "ipv4_src": conn.client,
-            "ipv4_dst": conn.external_ip, f"{t}_src": conn.client_port, f"{t}_dst": conn.port}
+def lb_groups(lb: LoadBalancer, dp: DataPath) -> list[Group]:
+    return [Group(group_id(lb.ip, port), tuple(bucket(dp, node, port.node_port) for node in lb.backends))
+            for port in lb.ports]
 
 
-def reply_match(conn: Connection, gw_port: int) -> dict:
-    t = l4(conn.ip_proto)
-    return {"in_port": gw_port, "eth_type": ETH_IP, "ip_proto": conn.ip_proto, "ipv4_src": conn.node,
-            "ipv4_dst": conn.client, f"{t}_src": conn.node_port, f"{t}_dst": conn.client_port}
+def pipeline(table: Table, dp: DataPath) -> tuple[dict[tuple, Rule], dict[int, Group]]:
+    """The whole desired state of the bridge for one table: rules by key, groups by id."""
+    rules = {r.key: r for r in base_rules(dp)}
+    groups: dict[int, Group] = {}
+    for lb in table.lbs:
+        rules.update((r.key, r) for r in lb_rules(lb, dp))
+        for group in lb_groups(lb, dp):
+            if group.group_id in groups:
+                raise ValueError(f"group id {group.group_id:#x} of {lb.ip} is taken: pool too large for group_id()")
+            groups[group.group_id] = group
+    return rules, groups
 
 
-def delete_connection(conn: Connection, gw_port: int) -> list[Delete]:
-    return [Delete(cookie(FORWARD, conn.external_ip), ~0 & 0xFFFFFFFFFFFFFFFF, forward_match(conn), PRIO_CONN),
-            Delete(cookie(REPLY, conn.external_ip), ~0 & 0xFFFFFFFFFFFFFFFF, reply_match(conn, gw_port), PRIO_CONN)]
-
-
-def deny_rule(ip_proto: int, client: str, external_ip: str, port: int, idle_timeout: int) -> Rule:
-    return Rule(PRIO_DENY, {"eth_type": ETH_IP, "ip_proto": ip_proto, "ipv4_src": client, "ipv4_dst": external_ip,
-                            f"{l4(ip_proto)}_dst": port}, (), cookie(DENY, external_ip), idle_timeout)
+def delete_rule(rule: Rule) -> Delete:
+    return Delete(rule.cookie, FULL_MASK, rule.table, rule.priority, rule.key[2])
 
 
 def delete_lb(external_ip: str) -> Delete:
-    """Every rule of one external IP: ARP answers, punts, guard, connections, denies."""
+    """Every rule of one external IP in every table: ARP answers, tracker rules, group rules, guard."""
     return Delete(MARK << 32 | ip_int(external_ip), OURS_MASK | IP_MASK)
 
 
-def delete_standing(external_ip: str) -> list[Delete]:
-    """The standing rules of one external IP (before rewriting them for a changed Service)."""
-    full = 0xFFFFFFFFFFFFFFFF
-    return [Delete(cookie(kind, external_ip), full) for kind in (ARP, PUNT, GUARD)]
-
-
-def connection_key(match: dict, external_ip: str) -> tuple | None:
-    """The connection a FORWARD rule's match belongs to (Connection.key)."""
-    proto = match.get("ip_proto")
-    if proto not in (6, 17) or "ipv4_src" not in match:
-        return None
-    t = l4(proto)
-    return (proto, match["ipv4_src"], match.get(f"{t}_src"), external_ip, match.get(f"{t}_dst"))
-
-
-def connection_from_rule(match: dict, actions: tuple[Action, ...], external_ip: str) -> Connection | None:
-    """Rebuild a Connection from a FORWARD rule read back from the switch (controller restart)."""
-    sets = {a[1]: a[2] for a in actions if a[0] == "set"}
-    proto = match.get("ip_proto")
-    if proto not in (6, 17):
-        return None
-    t = l4(proto)
-    try:
-        return Connection(match["in_port"], proto, match["ipv4_src"], match[f"{t}_src"], external_ip,
-                          match[f"{t}_dst"], sets["ipv4_dst"], sets[f"{t}_dst"])
-    except KeyError:
-        return None
+def backends_of(group: Group) -> list[tuple[str, int]]:
+    """(node IP, nodePort) of each bucket: what the switch balances over."""
+    return [(a[3], a[4]) for b in group.buckets for a in b if a[0] == "ct_dnat"]

@@ -1,15 +1,17 @@
 """The os-ken app: thin glue between the edge bridge, the table feed and the Balancer.
 
-Each handler looks things up, asks the Balancer, and sends the rules it returns.
-os-ken's native hub runs handlers and the table feed in threads: one lock guards
-the Balancer and the datapath. An unexpected error stops the process (loudly)
-rather than leaving a half-programmed switch; `svclab up` shows it in lb-controller.log.
+It programs state (rules and select groups) and is on no connection's path: the switch
+balances, tracks and NATs every connection itself, so it keeps doing so while this app
+or the cloud-controller restarts. On (re)connecting it reads the switch's rules and
+groups back (flow stats, group descriptions) and changes only what the table no longer
+wants. os-ken's native hub runs handlers and the table feed in threads: one lock guards
+the Balancer and the datapath. An error the switch reports is logged loudly (it means a
+half-programmed switch); `svclab up` shows it in lb-controller.log.
 """
 
 from __future__ import annotations
 
 import logging
-
 import socket
 import threading
 import time
@@ -19,11 +21,11 @@ from os_ken.base import app_manager
 from os_ken.controller import ofp_event
 from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
 from os_ken.lib import hub
-from os_ken.lib.packet import ipv4, packet, tcp, udp
 from os_ken.ofproto import ofproto_v1_3
 
 from controller import flows, osken_messages
-from controller.balancer import Balancer, Change
+from controller.balancer import Balancer
+from controller.flows import Change, DataPath, Group, Rule
 from testbed.cloud.lb_table import Table
 
 log = logging.getLogger("svclab.lb")
@@ -34,7 +36,7 @@ class Settings:
     table_socket: str  # the cloud-controller's feed
     gw_port: int
     gw_mac: str
-    idle_timeout: int = 60
+    ct_zone: int
 
 
 class LoadBalancerApp(app_manager.OSKenApp):
@@ -45,11 +47,13 @@ class LoadBalancerApp(app_manager.OSKenApp):
         super().__init__(*args, **kwargs)
         s = self.settings
         assert s is not None, "controller.launch sets LoadBalancerApp.settings"
-        self.balancer = Balancer(s.gw_port, s.gw_mac, s.idle_timeout)
+        self.balancer = Balancer(DataPath(s.gw_port, s.gw_mac, s.ct_zone))
         self.lock = threading.RLock()
         self.dp = None
         self.synced = False
-        self._stats: list[tuple[int, dict, tuple]] | None = None
+        self._rules: list[Rule] | None = None  # read back from the switch, until synced
+        self._groups: list[Group] | None = None
+        self._pending = 0  # stats replies still to come
         hub.spawn(self._feed, raise_error=True)
 
     # ---- table feed ------------------------------------------------------------------------
@@ -77,71 +81,59 @@ class LoadBalancerApp(app_manager.OSKenApp):
                                             for lb in table.lbs) or "empty")
 
     def _try_sync(self) -> None:
-        if self.dp is not None and self._stats is not None and self.balancer.table is not None and not self.synced:
-            self._send(self.balancer.switch_connected(self._stats))
-            self.synced = True
+        if self.dp is None or self.synced or self._pending or self.balancer.table is None:
+            return
+        self._send(self.balancer.switch_connected(self._rules or [], self._groups or []))
+        self.synced, self._rules, self._groups = True, None, None
 
     # ---- switch ----------------------------------------------------------------------------
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
     def _switch_features(self, ev) -> None:
         dp = ev.msg.datapath
+        ofp, parser = dp.ofproto, dp.ofproto_parser
         with self.lock:
-            self.dp, self.synced, self._stats = dp, False, []
-            self._send(flows.base_rules())
-        parser = dp.ofproto_parser
-        dp.send_msg(parser.OFPFlowStatsRequest(dp, cookie=flows.MARK << 32, cookie_mask=flows.OURS_MASK))
+            self.dp, self.synced, self._rules, self._groups, self._pending = dp, False, [], [], 2
+        dp.send_msg(parser.OFPFlowStatsRequest(dp, table_id=ofp.OFPTT_ALL, cookie=flows.MARK << 32,
+                                               cookie_mask=flows.OURS_MASK))
+        dp.send_msg(parser.OFPGroupDescStatsRequest(dp))
         log.info("switch %016x connected", dp.id)
 
     @set_ev_cls(ofp_event.EventOFPFlowStatsReply, MAIN_DISPATCHER)
     def _flow_stats(self, ev) -> None:
-        msg = ev.msg
+        self._stats_reply(ev.msg, lambda: self._rules.extend(osken_messages.rule_of(s) for s in ev.msg.body))
+
+    @set_ev_cls(ofp_event.EventOFPGroupDescStatsReply, MAIN_DISPATCHER)
+    def _group_desc(self, ev) -> None:
+        self._stats_reply(ev.msg, lambda: self._groups.extend(osken_messages.group_of(g) for g in ev.msg.body))
+
+    def _stats_reply(self, msg, collect) -> None:
         with self.lock:
-            if self._stats is None or msg.datapath is not self.dp:
+            if self.synced or msg.datapath is not self.dp or self._rules is None:
                 return
-            for stat in msg.body:
-                self._stats.append((stat.cookie, osken_messages.match_dict(stat.match), osken_messages.actions_of(stat.instructions)))
+            collect()
             if not msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE:
+                self._pending -= 1
                 self._try_sync()
 
     @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
     def _switch_gone(self, ev) -> None:
         with self.lock:
             if ev.datapath is self.dp:
-                self.dp, self.synced, self._stats = None, False, None
+                self.dp, self.synced, self._rules, self._groups = None, False, None, None
                 log.info("switch disconnected")
 
     @set_ev_cls(ofp_event.EventOFPPacketIn, MAIN_DISPATCHER)
     def _packet_in(self, ev) -> None:
-        msg = ev.msg
-        pkt = packet.Packet(msg.data)
-        ip = pkt.get_protocol(ipv4.ipv4)
-        l4 = pkt.get_protocol(tcp.tcp) or pkt.get_protocol(udp.udp)
-        if ip is None or l4 is None:
-            return
-        in_port = msg.match["in_port"]
-        with self.lock:
-            if not self.synced or msg.datapath is not self.dp:
-                return  # the client retries; rules come with the sync
-            changes, conn = self.balancer.new_packet(in_port, ip.proto, ip.src, l4.src_port, ip.dst, l4.dst_port)
-            self._send(changes)
-            if conn is not None:
-                log.info("%s:%d -> %s:%d to node %s:%d", conn.client, conn.client_port, conn.external_ip, conn.port,
-                         conn.node, conn.node_port)
-                dp = self.dp
-                ofp, parser = dp.ofproto, dp.ofproto_parser
-                # back through the table: the connection's rule, just installed, forwards it
-                dp.send_msg(parser.OFPPacketOut(dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=in_port,
-                                                actions=[parser.OFPActionOutput(ofp.OFPP_TABLE)], data=msg.data))
+        """No rule sends anything here: a packet-in means the pipeline is wrong (tests look for this line)."""
+        log.error("unexpected packet-in from port %s (%d bytes)", ev.msg.match.get("in_port"), len(ev.msg.data))
 
-    @set_ev_cls(ofp_event.EventOFPFlowRemoved, MAIN_DISPATCHER)
-    def _flow_removed(self, ev) -> None:
-        with self.lock:
-            self.balancer.flow_removed(ev.msg.cookie, osken_messages.match_dict(ev.msg.match))
+    @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
+    def _error(self, ev) -> None:
+        msg = ev.msg
+        log.error("the switch refused a message: type %d code %d: %s", msg.type, msg.code, bytes(msg.data[:64]).hex())
 
     def _send(self, changes: list[Change]) -> None:
         if self.dp is None:
             return
         for change in changes:
             self.dp.send_msg(osken_messages.message(self.dp, change))
-
-

@@ -1,189 +1,60 @@
 """The cloud load balancer end to end: real OVS, real os-ken, real packets from the client namespace.
 
-One 3-node cluster serves the module. IP plan: nodes 172.18.0.2-4 (node3 = 172.18.0.4),
-client 203.0.113.2 (a second address 203.0.113.3 only in the source-range test), router
-203.0.113.1 / 172.18.0.1, the load balancer pool 203.0.113.100-203.0.113.104 (5 IPs, so
-exhausting it is cheap). A node "crash" takes the node's port on the nodes bridge down:
-the machine drops off the network (nothing in or out) while its namespace, routes and
-rules stay as they were, so "the node comes back" is the same machine again.
+The cluster, its IP plan and the helpers that read the edge switch back are in tests/lb_lab.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from bench.service_churn import churn
+from controller import flows
 from testbed.client.client import ApiClient
-from testbed.paths import StateDir
 from testbed.cluster import cloud_lb
 from testbed.cluster.processes import ProcessTable
+from testbed.paths import StateDir
 from tests.conftest import REPO
-from tests.test_cluster import LabCluster, cluster_name, leftovers
+from tests.lb_lab import (  # noqa: F401  (lab and web are fixtures)
+    CLIENT,
+    HOLDER,
+    NODES,
+    POOL,
+    apply,
+    arp_answer,
+    connection_nodes,
+    cordon,
+    curl,
+    delete,
+    deployment,
+    edge_flows,
+    edge_groups,
+    external_ip,
+    get_json,
+    group_id,
+    guard_packets,
+    lab,
+    lb_service,
+    load,
+    ready_pods,
+    set_port,
+    switch_backends,
+    table,
+    tracked_node,
+    wait_backends,
+    wait_switch,
+    web,
+)
 
 pytestmark = pytest.mark.cluster
-
-NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
-CLIENT = "203.0.113.2"
-POOL = [f"203.0.113.{i}" for i in range(100, 105)]
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    cluster = LabCluster(tmp_path_factory.mktemp("lb") / "state", cluster_name())
-    config = tmp_path_factory.mktemp("lbconf") / "lab.yaml"
-    config.write_text(f"name: {cluster.name}\nnodes: 3\nkubeProxy: {{minSyncPeriod: 100ms}}\n"
-                      "networking: {loadBalancerPool: 203.0.113.100-203.0.113.104}\n")
-    try:
-        cluster.up("--config", str(config))
-        yield cluster
-    finally:
-        cluster.svclab("down", timeout=120)
-        assert not leftovers(cluster.name, cluster.state), leftovers(cluster.name, cluster.state)
-        assert not subprocess.run(["pgrep", "-af", f"{cluster.state}"], capture_output=True, text=True).stdout
-
-
-# ---------------------------------------------------------------- helpers
-
-def apply(lab: LabCluster, manifest: str) -> None:
-    lab.svclab("apply", "-f", "-", input=manifest, check=True)
-
-
-def delete(lab: LabCluster, kind: str, *names: str) -> None:
-    for name in names:
-        lab.svclab("delete", kind, name, "--ignore-not-found", check=True)
-
-
-def deployment(name: str, replicas: int) -> str:
-    return f"""apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {name}}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {name}}}}}
-  template:
-    metadata: {{labels: {{app: {name}}}}}
-    spec: {{containers: [{{name: web, image: nginx, ports: [{{containerPort: 8080}}]}}]}}
-"""
-
-
-def lb_service(name: str, app: str | None = None, extra: str = "") -> str:
-    return f"""apiVersion: v1
-kind: Service
-metadata: {{name: {name}}}
-spec:
-  type: LoadBalancer
-  selector: {{app: {app or name}}}
-  ports: [{{port: 80, targetPort: 8080}}]
-{extra}"""
-
-
-def external_ip(lab: LabCluster, name: str, timeout: float = 15) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        ingress = lab.json("svc", name).get("status", {}).get("loadBalancer", {}).get("ingress", [])
-        if ingress:
-            return ingress[0]["ip"]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"service {name} got no external IP: {lab.svclab('describe', 'svc', name).stdout}")
-        time.sleep(0.1)
-
-
-def table(lab: LabCluster) -> dict:
-    """What the cloud-controller publishes right now: external IP -> LoadBalancer."""
-    return cloud_lb.published_table(lab.state).by_ip()
-
-
-def wait_backends(lab: LabCluster, ip: str, want: set[str], timeout: float = 20) -> float:
-    """Seconds until the table sends `ip` to exactly `want`."""
-    t0 = time.monotonic()
-    while True:
-        try:
-            lb = table(lab).get(ip)
-        except OSError:  # the cloud-controller is (re)starting
-            lb = None
-        if lb is not None and set(lb.backends) == want:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"{ip}: backends {lb and lb.backends}, want {sorted(want)}")
-        time.sleep(0.05)
-
-
-def edge_flows(lab: LabCluster) -> str:
-    return subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "dump-flows", f"{lab.name}-edge"],
-                          capture_output=True, text=True, check=True).stdout
-
-
-def connection_nodes(lab: LabCluster, ip: str) -> dict[str, int]:
-    """Connection rules toward each node for one external IP, read from the switch."""
-    out: dict[str, int] = {}
-    for line in edge_flows(lab).splitlines():
-        m = re.search(rf"nw_dst={re.escape(ip)},.*set_field:([\d.]+)->ip_dst", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0) + 1
-    return out
-
-
-def curl(lab: LabCluster, url: str, *args: str, timeout: float = 3) -> subprocess.CompletedProcess:
-    return lab.exec("client", "curl", "-s", "--max-time", str(timeout), *args, url)
-
-
-def get_json(lab: LabCluster, url: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = curl(lab, url)
-        if r.returncode == 0 and r.stdout:
-            return json.loads(r.stdout)
-        if time.monotonic() > deadline:
-            raise AssertionError(f"client -> {url}: curl exit {r.returncode}")
-        time.sleep(0.2)
-
-
-def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float = 1.0) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "bench.loadgen", url,
-                             "--rate", str(rate), "--duration", str(duration), "--timeout", str(timeout)],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
-
-
-def set_port(lab: LabCluster, node: str, state: str) -> None:
-    cloud_lb.node_port_state(lab.name, node, state)
-
-
-def cordon(lab: LabCluster, node: str, unschedulable: bool) -> None:
-    async def change() -> None:
-        state = StateDir(lab.state)
-        async with ApiClient(state.api_address, state.read_token()) as client:
-            obj = await client.get("Node", node)
-            obj.spec.unschedulable = unschedulable
-            await client.update(obj)
-    asyncio.run(change())
-
-
-def ready_pods(lab: LabCluster, app: str, count: int, timeout: float = 30) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        pods = [p for p in lab.json("pods", "-l", f"app={app}")["items"] if not p["metadata"].get("deletionTimestamp")
-                and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))]
-        if len(pods) == count:
-            return pods
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(pods)}/{count} pods of {app} ready")
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def web(lab):
-    """Deployment web (3 pods, one per node) behind LoadBalancer Service web (Cluster policy), all nodes healthy."""
-    apply(lab, deployment("web", 3) + "---\n" + lb_service("web"))
-    ready_pods(lab, "web", 3)
-    ip = external_ip(lab, "web")
-    wait_backends(lab, ip, set(NODES.values()))
-    return ip
 
 
 # ---------------------------------------------------------------- tests
@@ -195,11 +66,16 @@ def test_external_ip_reachable_and_connections_spread_over_all_nodes(lab, web):
     assert "IPAllocated" in lab.svclab("describe", "svc", "web", check=True).stdout
     pods = {p["metadata"]["name"] for p in ready_pods(lab, "web", 3)}
     assert get_json(lab, f"http://{web}/")["pod"] in pods
+    node_port = lab.json("svc", "web")["spec"]["ports"][0]["nodePort"]
+    # one bucket per healthy node, each committing the connection with DNAT to that node's nodePort
+    assert sorted(switch_backends(lab, web)) == sorted((ip, node_port) for ip in NODES.values())
     before = connection_nodes(lab, web)
     result = json.loads(load(lab, f"http://{web}/", rate=30, duration=1).communicate(timeout=60)[0])
     assert all(r["ok"] for r in result["requests"]), result
     spread = {n: c - before.get(n, 0) for n, c in connection_nodes(lab, web).items()}
-    assert set(spread) == set(NODES.values()) and all(c == 10 for c in spread.values()), spread
+    # the group hashes each connection's addresses and ports, so the spread is that of a hash, not round
+    # robin: every one of the 30 went through the group, every node got some (all three at 30: 1 - 1.5e-5)
+    assert set(spread) == set(NODES.values()) and sum(spread.values()) == 30 and min(spread.values()) >= 1, spread
 
 
 def test_client_reaches_no_cluster_ip_and_no_pod_ip(lab, web):
@@ -264,6 +140,7 @@ def test_node_crash_fails_over_within_two_seconds_and_the_node_comes_back(lab):
         set_port(lab, "node3", "down")
         detected = wait_backends(lab, ip, {NODES["node1"], NODES["node2"]}, timeout=5)
         assert detected <= 2.0, detected
+        wait_switch(lab, ip, {NODES["node1"], NODES["node2"]}, timeout=0.5)  # the switch follows the table
         result = json.loads(run.communicate(timeout=60)[0])
         after = [r for r in result["requests"] if result["start"] + r["t"] >= crash + 2.0]
         assert after and all(r["ok"] for r in after), [r for r in after if not r["ok"]]
@@ -271,10 +148,13 @@ def test_node_crash_fails_over_within_two_seconds_and_the_node_comes_back(lab):
     finally:
         set_port(lab, "node3", "up")
     wait_backends(lab, ip, set(NODES.values()), timeout=10)  # re-added once healthy again
-    before = connection_nodes(lab, ip).get(NODES["node3"], 0)
-    for _ in range(6):
-        get_json(lab, f"http://{ip}/")
-    assert connection_nodes(lab, ip).get(NODES["node3"], 0) - before == 2
+    wait_switch(lab, ip, set(NODES.values()))
+    before = connection_nodes(lab, ip)
+    result = json.loads(load(lab, f"http://{ip}/", rate=30, duration=1).communicate(timeout=60)[0])
+    assert all(r["ok"] for r in result["requests"]), result
+    after = connection_nodes(lab, ip)
+    given = {n: after[n] - before.get(n, 0) for n in after}
+    assert sum(given.values()) == 30 and given[NODES["node3"]] >= 1, given  # node3 takes new connections again
     delete(lab, "svc", "ha")
     delete(lab, "deployment", "ha")
 
@@ -287,9 +167,11 @@ def test_local_policy_targets_only_nodes_with_endpoints_and_keeps_the_client_ip(
         wait_backends(lab, ip, {NODES[node]})
         answer = get_json(lab, f"http://{ip}/")
         assert answer["client"].split(":")[0] == CLIENT  # not masqueraded anywhere on the way
+        wait_switch(lab, ip, {NODES[node]})  # the only bucket: the node with the endpoint
+        before = connection_nodes(lab, ip)[NODES[node]]
         result = json.loads(load(lab, f"http://{ip}/", rate=30, duration=1).communicate(timeout=60)[0])
         assert all(r["ok"] for r in result["requests"]), result
-        assert set(connection_nodes(lab, ip)) == {NODES[node]}
+        assert connection_nodes(lab, ip) == {NODES[node]: before + 30}
     finally:
         delete(lab, "svc", "loc")
         delete(lab, "deployment", "loc")
@@ -302,21 +184,17 @@ def test_source_ranges_are_enforced_at_the_load_balancer(lab, web):
         ip = external_ip(lab, "ranged")
         wait_backends(lab, ip, set(NODES.values()))
         assert get_json(lab, f"http://{ip}/")["pod"].startswith("web-")
+        # only the range's clients enter the tracker; the rest fall to the guard and are dropped in the switch
+        into_tracker = [line for line in edge_flows(lab).splitlines() if f"nw_dst={ip}," in line and "ct(table=1" in line]
+        assert len(into_tracker) == 1 and "nw_src=203.0.113.2," in into_tracker[0], into_tracker
+        guard_before = guard_packets(lab, ip)
         outside = curl(lab, f"http://{ip}/", "--interface", "203.0.113.3", timeout=2)
         assert outside.returncode == 28, outside  # nothing at all comes back: a timeout, not a refusal
+        assert guard_packets(lab, ip) > guard_before  # its SYNs (and retransmits) were dropped by the guard
         assert curl(lab, f"http://{web}/", "--interface", "203.0.113.3").returncode == 0  # no ranges there
     finally:
         lab.exec("client", "ip", "addr", "del", "203.0.113.3/24", "dev", "eth0")
         delete(lab, "svc", "ranged")
-
-
-def arp_answer(lab: LabCluster, ip: str) -> str:
-    """The MAC the client learns for ip ('' if nobody answers)."""
-    lab.exec("client", "ip", "neigh", "flush", "dev", "eth0")
-    lab.exec("client", "ping", "-c", "1", "-W", "1", ip)
-    out = lab.exec("client", "ip", "neigh", "show", ip).stdout
-    m = re.search(r"lladdr (\S+)", out)
-    return m.group(1) if m else ""
 
 
 def test_deleted_service_releases_its_ip_rules_and_arp_answers(lab, web):
@@ -324,12 +202,14 @@ def test_deleted_service_releases_its_ip_rules_and_arp_answers(lab, web):
     ip = external_ip(lab, "gone")
     wait_backends(lab, ip, set(NODES.values()))
     get_json(lab, f"http://{ip}/")
+    assert f"group_id={group_id(ip)}," in edge_groups(lab)
     assert ip in edge_flows(lab) and arp_answer(lab, ip) == "02:00:cb:00:71:" + f"{int(ip.split('.')[-1]):02x}"
     delete(lab, "svc", "gone")
     deadline = time.monotonic() + 5
     while ip in edge_flows(lab) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ip not in edge_flows(lab)
+    assert f"group_id={group_id(ip)}," not in edge_groups(lab)
     assert ip not in table(lab)
     assert arp_answer(lab, ip) == ""
     assert curl(lab, f"http://{ip}/", timeout=1).returncode != 0
@@ -374,28 +254,36 @@ def test_controller_restart_keeps_established_connections_and_relearns(lab, web)
         ["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-c", HOLDER, web],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
     try:
-        assert holder.stdout.readline().strip() == "open"
+        word, *ports = holder.stdout.readline().split()
+        assert word == "open"
+        nodes = [tracked_node(lab, int(port)) for port in ports]
+        groups = edge_groups(lab)
         processes = ProcessTable(lab.state)
-        for name in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER):  # kept down: supervision would restart them
+        for name in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER):  # held down by the supervisor
             lab.svclab("stop", name, check=True)
         assert not any(processes.load()[n].alive() for n in (cloud_lb.LB_CONTROLLER, cloud_lb.CLOUD_CONTROLLER))
-        holder.stdin.write("a\n")  # no controller at all: the switch still carries the connection
+        # no controller at all: the switch still carries the connection, balances new ones, answers ARP
+        holder.stdin.write("a\n")
         assert json.loads(holder.stdout.readline())["pod"].startswith("web-")
+        before = sum(connection_nodes(lab, web).values())
+        for _ in range(3):
+            assert get_json(lab, f"http://{web}/", timeout=3)["pod"].startswith("web-")
+        assert sum(connection_nodes(lab, web).values()) - before == 3
+        assert arp_answer(lab, web) == flows.virtual_mac(web)
         for name in (cloud_lb.CLOUD_CONTROLLER, cloud_lb.LB_CONTROLLER):
             lab.svclab("start", name, check=True)
-        deadline = time.monotonic() + 20
-        while not cloud_lb.connected(f"{lab.name}-edge"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        synced = wait_resynced(lab, 2)
+        # the restarted app read the rules and the group back from the switch and found nothing to change
+        kept_rules, kept_groups, changed = synced[-1]
+        assert int(kept_rules) >= 11 and int(kept_groups) >= 1 and changed == "rules +0 -0, groups +0 ~0 -0", synced
         wait_backends(lab, web, set(NODES.values()))
-        log = lab.state / "logs" / "lb-controller.log"
-        deadline = time.monotonic() + 20
-        while len(relearned := re.findall(r"switch connected: (\d+) connections re-learned", log.read_text())) < 2:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        assert int(relearned[-1]) >= 2, relearned  # the restarted app read both connections back from the switch
-        holder.stdin.write("b\n")  # opened before the restart, used after it
+        assert edge_groups(lab) == groups
+        # a crash (kill -9) of the app: the supervisor brings it back, and it re-learns the same way
+        os.kill(processes.load()[cloud_lb.LB_CONTROLLER].pid, signal.SIGKILL)
+        assert wait_resynced(lab, 3)[-1][2] == "rules +0 -0, groups +0 ~0 -0"
+        holder.stdin.write("b\n")  # opened before both restarts, used after them
         assert json.loads(holder.stdout.readline())["pod"].startswith("web-")
+        assert [tracked_node(lab, int(port)) for port in ports] == nodes  # both kept their node throughout
         assert lab.json("svc", "web")["status"]["loadBalancer"]["ingress"][0]["ip"] == web
         assert get_json(lab, f"http://{web}/")["pod"].startswith("web-")  # new connections too
         apply(lab, lb_service("after", app="web"))  # the pool re-learned web's IP from its status
@@ -405,17 +293,108 @@ def test_controller_restart_keeps_established_connections_and_relearns(lab, web)
         delete(lab, "svc", "after")
 
 
-# Holds two connections to http://IP/; on "a" or "b" from stdin sends one request on that one.
-HOLDER = """
-import socket, sys
-ip = sys.argv[1]
-conns = {k: socket.create_connection((ip, 80), timeout=5) for k in "ab"}
-print("open", flush=True)
-for line in sys.stdin:
-    s = conns[line.strip()]
-    s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
-    data = b""
-    while chunk := s.recv(4096):
-        data += chunk
-    print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip(), flush=True)
-"""
+def wait_resynced(lab, count: int, timeout: float = 30) -> list[tuple[str, str, str]]:
+    """The app's sync reports once there are `count` (one per connection to the switch since `up`)."""
+    log = lab.state / "logs" / "lb-controller.log"
+    pattern = r"switch connected: kept (\d+) rules and (\d+) groups as they were; (rules .*)"
+    deadline = time.monotonic() + timeout
+    while len(synced := re.findall(pattern, log.read_text())) < count:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    return synced
+
+
+def test_established_connections_keep_their_node_while_the_group_changes(lab):
+    """Local policy, so a connection's pod is on its node: a third node leaving and coming back changes the
+    group's buckets under two open connections, which keep their node (the tracker holds their DNAT)."""
+    apply(lab, deployment("st", 3) + "---\n" + lb_service("st", extra="  externalTrafficPolicy: Local\n"))
+    pods = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in ready_pods(lab, "st", 3)}
+    assert sorted(pods.values()) == sorted(NODES), pods
+    ip = external_ip(lab, "st")
+    holder = None
+    try:
+        wait_backends(lab, ip, set(NODES.values()))
+        wait_switch(lab, ip, set(NODES.values()))
+        holder = subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-c", HOLDER, ip],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        word, *ports = holder.stdout.readline().split()
+        assert word == "open"
+        held = {k: tracked_node(lab, int(port)) for k, port in zip("ab", ports)}
+        other = next(n for n, addr in NODES.items() if addr not in held.values())
+        set_port(lab, other, "down")
+        try:
+            wait_switch(lab, ip, set(NODES.values()) - {NODES[other]})  # out of the group
+            holder.stdin.write("a\n")
+            assert NODES[pods[json.loads(holder.stdout.readline())["pod"]]] == held["a"]
+        finally:
+            set_port(lab, other, "up")
+        wait_switch(lab, ip, set(NODES.values()), timeout=10)  # back in the group
+        holder.stdin.write("b\n")
+        assert NODES[pods[json.loads(holder.stdout.readline())["pod"]]] == held["b"]
+        assert {k: tracked_node(lab, int(port)) for k, port in zip("ab", ports)} == held
+    finally:
+        if holder is not None:
+            holder.kill()
+        delete(lab, "svc", "st")
+        delete(lab, "deployment", "st")
+
+
+def connrate(lab, targets: list[str], clients: int, connections: int) -> dict:
+    proc = subprocess.run(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "bench.connrate",
+                           *targets, "--clients", str(clients), "--connections", str(connections), "--timeout", "3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120, check=True)
+    return json.loads(proc.stdout)
+
+
+def test_new_connections_are_balanced_in_the_switch_at_the_node_port_rate(lab, web):
+    """Smoke test of the data path: no connection is punted to the app, and the rate is the NodePort's league."""
+    log = lab.state / "logs" / "lb-controller.log"
+    packet_ins = log.read_text().count("unexpected packet-in")
+    assert "CONTROLLER" not in edge_flows(lab)  # no rule sends anything to the app
+    # The baseline: a NodePort Service of its own over the same pods. (Not web's own nodePort: a client
+    # that reaches it straight from a source port it just used through the external IP gets its answer
+    # taken for that connection's, see docs/load-balancer.md.)
+    apply(lab, lb_service("web-np", app="web").replace("type: LoadBalancer", "type: NodePort"))
+    try:
+        node_port = lab.json("svc", "web-np")["spec"]["ports"][0]["nodePort"]
+        straight = [f"{addr}:{node_port}" for addr in NODES.values()]
+        get_json(lab, f"http://{straight[0]}/")  # kube-proxy has its rules
+        before = sum(connection_nodes(lab, web).values())
+        runs = {"node_port": [], "external_ip": []}
+        for _ in range(3):  # alternating, so the machine's other load hits both alike
+            runs["node_port"].append(connrate(lab, straight, 10, 100))
+            runs["external_ip"].append(connrate(lab, [f"{web}:80"], 10, 100))
+    finally:
+        delete(lab, "svc", "web-np")
+    for run in runs["node_port"] + runs["external_ip"]:
+        assert run["failed"] == 0 and run["answered"] == 1000, runs
+    # every new connection through the external IP went through the group, none through the app
+    assert sum(connection_nodes(lab, web).values()) - before == 3000
+    assert log.read_text().count("unexpected packet-in") == packet_ins
+    # Punting every connection to the app ran at 0.2x (the benchmark's goal is 0.8x). One round is a
+    # second or so on a shared 2-core machine, so each path's best round is compared.
+    best = {path: max(r["rate"] for r in rs) for path, rs in runs.items()}
+    assert best["external_ip"] >= 0.5 * best["node_port"], (best, runs)
+
+
+def test_unrelated_service_churn_leaves_the_load_balancer_alone(lab, web):
+    """5,000 headless ClusterIP Services created and deleted under traffic through the external IP: no
+    table change, no health flap, no failed request (it was 24 of 595 for 3,000, issue #10)."""
+    feed_lines = (lab.state / "logs" / "lb-controller.log").read_text().count("svclab.lb INFO table:")
+    cloud_log = lab.state / "logs" / "cloud-controller.log"
+    flaps = cloud_log.read_text().count("unhealthy")
+    run = load(lab, f"http://{web}/", rate=20, duration=15)
+    time.sleep(1.0)
+
+    async def create_and_delete() -> dict:
+        async with ApiClient.for_state_dir(StateDir(lab.state)) as client:
+            return await churn(client, 5000)
+    phases = asyncio.run(create_and_delete())
+    result = json.loads(run.communicate(timeout=120)[0])
+    failed = [r for r in result["requests"] if not r["ok"]]
+    assert len(result["requests"]) == 300 and not failed, (phases, failed)
+    assert cloud_log.read_text().count("unhealthy") == flaps, cloud_log.read_text()[-3000:]
+    assert (lab.state / "logs" / "lb-controller.log").read_text().count("svclab.lb INFO table:") == feed_lines
+    assert set(table(lab)[web].backends) == set(NODES.values())
+    assert lab.json("svc")["items"] and not [s for s in lab.json("svc")["items"]
+                                             if s["metadata"]["name"].startswith("unrelated-")]

@@ -10,7 +10,6 @@ deletes the namespaces it named after the cluster.
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import json
 import os
@@ -18,7 +17,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import time
 
 import pytest
 

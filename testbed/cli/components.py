@@ -161,14 +161,13 @@ def cloud_controller(target: Target, api: str | None, token_file: Path | None, p
               help="The cloud-controller's table (default: <state-dir>/lb.sock).")
 @click.option("--gw-port", type=int, default=1, show_default=True, help="OpenFlow port of the router on the bridge.")
 @click.option("--gw-mac", required=True, help="The router's MAC address on the bridge.")
-@click.option("--idle-timeout", type=Duration(), default="60s", show_default=True,
-              help="A connection's rules go after this long without packets.")
+@click.option("--ct-zone", type=click.IntRange(1, 65535), required=True,
+              help="The cluster's conntrack zone (shared by every bridge of ovs-vswitchd: one per cluster).")
 @pass_target
 def lb_controller(target: Target, openflow_port: int, feed_socket: Path | None, gw_port: int, gw_mac: str,
-                  idle_timeout: float) -> None:
+                  ct_zone: int) -> None:
     """Run the OpenFlow load balancer (os-ken) for the edge bridge."""
     from controller.osken_app import Settings
     from controller.launch import run
 
-    run(openflow_port, Settings(str(feed_socket or target.state.path / "lb.sock"), gw_port, gw_mac,
-                                max(1, int(idle_timeout))))
+    run(openflow_port, Settings(str(feed_socket or target.state.path / "lb.sock"), gw_port, gw_mac, ct_zone))

@@ -165,3 +165,6 @@ async def run_worker(name: str, queue: WorkQueue, reconcile: Callable[[Hashable]
             handle_error(name, queue, key, exc)
         else:
             queue.forget(key)
+        # A reconcile that never awaits and a queue that is never empty would otherwise keep
+        # the loop to themselves for a whole backlog (health checks, watches, timers wait).
+        await asyncio.sleep(0)

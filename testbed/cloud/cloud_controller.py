@@ -4,6 +4,13 @@ Runs in the router's network namespace (it health-checks node addresses directly
 talks to the API server over the state directory's Unix socket. After a restart it
 re-learns which Service holds which IP from the Services' status.loadBalancer.ingress.
 Why a Service is pending is written as its IPAllocated condition (`svclab describe svc`).
+
+Only LoadBalancer Services (and Services that stop being one) and changes of the nodes'
+addresses touch the table: every other Service event is dropped in the informer's
+handler, so thousands of unrelated Services cost no table rebuild and never stall the
+health checks that share this event loop (issue #10: rebuilding the table from every
+Service on every Service event blocked the loop for seconds, the probes timed out and
+every node was marked unhealthy).
 """
 
 from __future__ import annotations
@@ -39,8 +46,19 @@ def health_target(svc: pb.Service, node_ip: str) -> Target | None:
     return Target("tcp", node_ip, tcp.node_port) if tcp else None
 
 
-def node_ip(node: pb.Node) -> str:
+def node_ip(node: pb.Node | None) -> str:
+    if node is None:
+        return ""
     return next((a.address for a in node.status.addresses if a.type == "InternalIP"), "")
+
+
+def has_condition(svc: pb.Service | None) -> bool:
+    return svc is not None and any(c.type == CONDITION for c in svc.status.conditions)
+
+
+def lb_relevant(old: pb.Service | None, new: pb.Service | None) -> bool:
+    """Whether a Service event can concern the load balancer: it is, was, or still carries the marks of one."""
+    return is_lb(old) or is_lb(new) or has_condition(new) or bool(new and new.status.load_balancer.ingress)
 
 
 def desired_status(svc: pb.Service, ip: str | None, reason: str) -> pb.ServiceStatus:
@@ -72,15 +90,38 @@ class CloudController:
         self.queue = WorkQueue()
         self.pending: set = set()  # LoadBalancer Services without an IP, retried when one is released
         self.checker = HealthChecker(health, self.refresh)
-        self.services.on_change(lambda _t, old, new: self.queue.add(key_of(new or old)))
-        self.nodes.on_change(lambda *_: self.refresh())
+        self.lbs: dict = {}  # key -> LoadBalancer Service: all that refresh() looks at
+        self.node_ips: dict[str, str] = {}  # node name -> InternalIP
+        self.services.on_change(self._service_event)
+        self.nodes.on_change(self._node_event)
+
+    def _service_event(self, _type: str, old: pb.Service | None, new: pb.Service | None) -> None:
+        key = key_of(new or old)
+        if is_lb(new):
+            self.lbs[key] = new
+        else:
+            self.lbs.pop(key, None)
+        if lb_relevant(old, new) or key in self.pool.held or key in self.pending:
+            self.queue.add(key)
+
+    def _node_event(self, _type: str, old: pb.Node | None, new: pb.Node | None) -> None:
+        """Only a node's address matters here (not its heartbeats): refresh when one comes, goes or moves."""
+        name = (new or old).metadata.name
+        ip = node_ip(new)
+        if self.node_ips.get(name, "") == ip:
+            return
+        if ip:
+            self.node_ips[name] = ip
+        else:
+            self.node_ips.pop(name, None)
+        self.refresh()
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(self.services.run()), asyncio.create_task(self.nodes.run())]
         await self.services.synced.wait()
         await self.nodes.synced.wait()
-        for svc in self.services.items():  # re-learn what we gave out before a restart
-            for ingress in svc.status.load_balancer.ingress if is_lb(svc) else []:
+        for svc in self.lbs.values():  # re-learn what we gave out before a restart
+            for ingress in svc.status.load_balancer.ingress:
                 if not self.pool.adopt(key_of(svc), ingress.ip):
                     log.warning("%s/%s shows %s, which is not ours to keep", *key_of(svc), ingress.ip)
         self.refresh()  # starts the health checks
@@ -128,11 +169,11 @@ class CloudController:
 
     def refresh(self) -> None:
         """Recompute the health targets and the table; publish it if it changed."""
-        nodes = sorted(ip for ip in (node_ip(n) for n in self.nodes.items()) if ip)
+        nodes = sorted(set(self.node_ips.values()))
         lbs, targets = [], set()
-        for svc in sorted(self.services.items(), key=key_of):
-            ip = self.pool.held.get(key_of(svc))
-            if not is_lb(svc) or ip is None:
+        for key, svc in sorted(self.lbs.items()):
+            ip = self.pool.held.get(key)
+            if ip is None:
                 continue
             backends = []
             for node in nodes:

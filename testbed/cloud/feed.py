@@ -45,6 +45,8 @@ class TableFeed:
         writer.write(self._line)
         try:
             await reader.read()  # until it goes away
+        except ConnectionError:  # gone while a snapshot was being written to it
+            pass
         finally:
             self._writers.discard(writer)
             writer.close()

@@ -7,12 +7,13 @@
   (threads or eventlet) and the API client is grpc.aio.
 
 The edge bridge gets the controller with fail_mode=secure: when the controller is gone
-the switch keeps its rules (established connections live on, ARP is still answered)
-instead of falling back to a plain learning switch.
+the switch keeps its rules and groups (it goes on balancing new connections, carrying
+established ones and answering ARP) instead of falling back to a plain learning switch.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -49,7 +50,7 @@ def start(config: ClusterConfig, state_dir: Path, processes: Supervisor, network
     port = free_port()
     processes.start(LB_CONTROLLER, [
         *common, "lb-controller", "--openflow-port", str(port), "--gw-port", str(EDGE_OFPORT_GW),
-        "--gw-mac", gw_mac, "--idle-timeout", str(config.lb_idle_timeout),
+        "--gw-mac", gw_mac, "--ct-zone", str(network.names.ct_zone),
     ])
     return port
 
@@ -103,3 +104,33 @@ def node_port_state(cluster: str, node: str, state: str) -> None:
     (Taking eth0 down inside the node instead makes the kernel drop the node's routes.)
     """
     run_checked(["ovs-ofctl", "mod-port", f"{cluster}-nodes", f"{cluster}-n{node.removeprefix('node')}", state])
+
+
+def _ofctl(*args: str) -> str:
+    return run_checked(["ovs-ofctl", "-O", "OpenFlow13", *args])
+
+
+def group_buckets(bridge: str) -> dict[int, list[tuple[str, int]]]:
+    """Per select group of the edge bridge: the (node IP, nodePort) of each bucket, in bucket order."""
+    out: dict[int, list[tuple[str, int]]] = {}
+    for line in _ofctl("dump-groups", bridge).splitlines():
+        m = re.search(r"group_id=(\d+),type=select", line)
+        if m:
+            out[int(m.group(1))] = [(ip, int(port)) for ip, port in re.findall(r"nat\(dst=([\d.]+):(\d+)\)", line)]
+    return out
+
+
+def group_new_connections(bridge: str, group_id: int) -> dict[str, int]:
+    """New connections each node got through one group: its buckets' packet counters.
+
+    Only a connection's first packet goes through the group (the tracker carries the
+    rest), so a bucket's packet count is the number of connections it was given. OVS
+    pushes counters from the datapath every so often: revalidator/wait makes them current.
+    """
+    subprocess.run(["ovs-appctl", "revalidator/wait"], capture_output=True, timeout=10)
+    nodes = [ip for ip, _ in group_buckets(bridge).get(group_id, [])]
+    for line in _ofctl("dump-group-stats", bridge).splitlines():
+        if f"group_id={group_id}," in line:
+            counts = [int(n) for n in re.findall(r"bucket\d+:packet_count=(\d+)", line)]
+            return dict(zip(nodes, counts))
+    return {}

@@ -19,7 +19,6 @@
       healthCheckTimeout: 400ms
       healthyThreshold: 2
       unhealthyThreshold: 2
-      idleTimeout: 60s        # a connection's switch rules go after this long idle
 """
 
 from __future__ import annotations
@@ -73,7 +72,6 @@ class ClusterConfig:
     lb_health_timeout: float = 0.4
     lb_healthy_threshold: int = 2
     lb_unhealthy_threshold: int = 2
-    lb_idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         try:
@@ -99,6 +97,9 @@ class ClusterConfig:
         if not (low in nets["external_subnet"] and high in nets["external_subnet"] and low <= high):
             raise ConfigError(f"networking.loadBalancerPool: {self.load_balancer_pool!r}: must be A-B inside "
                               f"the external subnet {nets['external_subnet']}")
+        if int(high) - int(low) + 1 > MAX_POOL:
+            raise ConfigError(f"networking.loadBalancerPool: {self.load_balancer_pool!r}: more than {MAX_POOL} "
+                              f"addresses (the load balancer's group ids hold 14 bits of the IP)")
         ext = nets["external_subnet"]
         for what, reserved in (("router", ext.network_address + 1), ("client", ext.network_address + 2)):
             if low <= reserved <= high:
@@ -111,8 +112,6 @@ class ClusterConfig:
                            ("unhealthyThreshold", self.lb_unhealthy_threshold)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
-        if self.lb_idle_timeout < 1:
-            raise ConfigError(f"loadBalancer.idleTimeout: {self.lb_idle_timeout}s: must be at least 1s")
         if self.proxy_mode not in MODES:
             raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(MODES)}")
         try:
@@ -176,6 +175,8 @@ class ClusterConfig:
             values["node_monitor_grace_period"] = _duration("nodeMonitorGracePeriod", data["nodeMonitorGracePeriod"])
         lb = data.get("loadBalancer") or {}
         for key, value in lb.items():
+            if key in LB_REMOVED:
+                raise ConfigError(f"loadBalancer.{key}: no longer a setting: {LB_REMOVED[key]}")
             if key not in LB_KEYS:
                 raise ConfigError(f"loadBalancer.{key}: unknown setting (known: {', '.join(sorted(LB_KEYS))})")
             field_name, is_duration = LB_KEYS[key]
@@ -189,8 +190,12 @@ LB_KEYS = {
     "healthCheckTimeout": ("lb_health_timeout", True),
     "healthyThreshold": ("lb_healthy_threshold", False),
     "unhealthyThreshold": ("lb_unhealthy_threshold", False),
-    "idleTimeout": ("lb_idle_timeout", True),
 }
+#: loadBalancer.<key> that went, and why
+LB_REMOVED = {
+    "idleTimeout": "connections live in the edge switch's connection tracker, which times them out itself",
+}
+MAX_POOL = 1 << 14
 
 
 def _duration(key: str, value: Any) -> float:

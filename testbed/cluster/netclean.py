@@ -161,6 +161,22 @@ def _delete_bridges(bridges: list[str], result: CleanResult) -> None:
         result.bridges = bridges
 
 
+def _flush_conntrack(cluster: str) -> None:
+    """Drop the load balancer's connections (its conntrack zone) from ovs-vswitchd's tracker.
+
+    The tracker outlives the bridge; a new cluster of the same name (same zone) must not
+    inherit its connections. Best effort: no userspace datapath, no tracker to clean.
+    """
+    zone = Names(cluster, 0).ct_zone
+    try:
+        res = run(["ovs-appctl", "-T", "5", "dpctl/flush-conntrack", f"zone={zone}"])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("flush-conntrack: %s", exc)
+        return
+    if res.returncode != 0:
+        log.debug("flush-conntrack zone=%d: %s", zone, res.stderr.strip())
+
+
 def _kill_processes(cluster: str, doomed: _Doomed, terminate: Callable[[], None] | None,
                     result: CleanResult) -> None:
     """The caller's graceful terminate() first, then verified Mininet shells and anything else
@@ -212,7 +228,7 @@ def teardown(cluster: str, record: dict[str, Any] | None, state_file: Path | Non
              terminate: Callable[[], None] | None = None) -> CleanResult:
     """Remove every trace of the cluster: what the record names, plus what the naming finds.
 
-    Order: bridges (OVS lets go of the ports), processes, netns mounts (the namespaces die
+    Order: bridges (OVS lets go of the ports) and the load balancer's conntrack zone, processes, netns mounts (the namespaces die
     and the kernel removes their veth pairs in one batch), then whatever root-namespace
     interface is still there, by name; the record last.
     """
@@ -224,6 +240,8 @@ def teardown(cluster: str, record: dict[str, Any] | None, state_file: Path | Non
     doomed = _Doomed.of(cluster, rec)
     existed = [i for i in doomed.interfaces if i in root_interfaces()]
     _delete_bridges(doomed.bridges, result)
+    if doomed.bridges:
+        _flush_conntrack(cluster)
     _kill_processes(cluster, doomed, terminate, result)
     for n in doomed.netns:
         if procfs.umount_and_remove(naming.NETNS_DIR / n):

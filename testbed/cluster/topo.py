@@ -34,7 +34,8 @@ namespace are at most 8 + 6 = 14 characters (IFNAMSIZ allows 15).
 * Mininet shells: ``bash --norc --noediting -is mininet:<Mininet name>`` (hosts and the two
   bridges; the bridges' shells run in the root namespace).
 * OpenFlow ports: on c-nodes node i is port i and gw port 1000; on c-edge gw is port 1 and
-  the client port 2. Datapath ids: first 16 hex digits of sha256(bridge name).
+  the client port 2. Datapath ids: first 16 hex digits of sha256(bridge name). The load
+  balancer's conntrack zone on c-edge: from sha256(``c-edge``) (Names.ct_zone).
 * State record: ``<state_dir>/network-c.json``. Lock: ``/run/lock/svclab-net-c.lock``
   (flock held while the network exists; the kernel drops it when the holder dies).
 """
@@ -187,6 +188,16 @@ class Names:
     def dpid(self, bridge: str) -> str:
         digest = hashlib.sha256(bridge.encode()).hexdigest()[:16]
         return digest if int(digest, 16) else "0000000000000001"
+
+    @property
+    def ct_zone(self) -> int:
+        """The edge bridge's conntrack zone, 1-65535, from the cluster name.
+
+        ovs-vswitchd has one connection tracker for all its bridges, and every cluster uses
+        the same addresses, so each cluster's load balancer keeps its connections in a zone
+        of its own (two names share one with odds 1 in 65,535).
+        """
+        return int(hashlib.sha256(self.edge_bridge.encode()).hexdigest()[:8], 16) % 65535 + 1
 
     # patterns for discovery without a record -------------------------------------------------
     @staticmethod
