@@ -306,12 +306,11 @@ def test_template_change_rolls_out_without_dropping_below_desired(apiserver, con
             await agents.run_until(await rolled("v1"))
             await update_with_retry(c, "Deployment", "web",
                                     lambda d: setattr(d.spec.template.spec.containers[0], "image", "v2"))
-            lowest = 4  # ready pods, which maxUnavailable bounds (slices follow them a moment later)
+            lowest = 4
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 await agents.tick()
-                lowest = min(lowest, len([p for p in await active_pods(c) if any(
-                    x.type == "Ready" and x.status == "True" for x in p.status.conditions)]))
+                lowest = min(lowest, len(await slice_addresses(c)))
                 if await (await rolled("v2"))():
                     break
                 await asyncio.sleep(0.1)
