@@ -304,6 +304,10 @@ def test_template_change_rolls_out_without_dropping_below_desired(apiserver, con
                 return check
 
             await agents.run_until(await rolled("v1"))
+
+            async def all_in_slices():  # the slice follows the pods a moment later: the baseline first
+                return len(await slice_addresses(c)) == 4
+            await agents.run_until(all_in_slices)
             await update_with_retry(c, "Deployment", "web",
                                     lambda d: setattr(d.spec.template.spec.containers[0], "image", "v2"))
             lowest = 4
