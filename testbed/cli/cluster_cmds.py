@@ -244,7 +244,8 @@ def rules(target: Target, node: str) -> None:
     netns = naming.node_netns(target.name, node)
     if not Path(naming.netns_path(netns)).exists():
         fail(f'no node "{node}" in cluster "{target.name}"')
-    mode = proxy_mode_of(ProcessTable(target.state.path).load().get(f"kube-proxy-{node}"))
+    recorded = ProcessTable(target.state.path).load().get(f"kube-proxy-{node}")
+    mode = (recorded.flag("--proxy-mode") if recorded else None) or "iptables"  # kube-proxy's default
     try:
         backend = backends.create(mode, backends.NodeSettings(node))
     except backends.Unsupported as exc:
@@ -261,10 +262,3 @@ def rules(target: Target, node: str) -> None:
         fail(f"reading {node}'s {mode} rules failed: {exc}")
     click.echo(annotate(mode, text, run_with_client(target, services)), nl=False)
 
-
-def proxy_mode_of(recorded) -> str:
-    """The --proxy-mode a recorded kube-proxy was started with (iptables, its default, if none)."""
-    argv = list(recorded.argv or []) if recorded is not None else []
-    if "--proxy-mode" in argv[:-1]:
-        return argv[argv.index("--proxy-mode") + 1]
-    return "iptables"

@@ -11,10 +11,8 @@ import click
 
 from testbed import naming
 from testbed.cli.common import Target, fail, pass_target
-from testbed.cluster.processes import ProcessTable
+from testbed.cluster.processes import ProcessTable, Recorded
 from testbed.cluster.supervisor import COMPONENTS, component_of
-
-METRICS_FLAG = "--metrics-address"
 
 
 def _ask(target: Target, request: dict[str, Any]) -> dict[str, Any]:
@@ -94,15 +92,13 @@ def _apiserver_health(target: Target) -> dict[str, Any]:
         return {"healthy": False, "error": str(exc) or type(exc).__name__}
 
 
-def _proxy_sync(target: Target, name: str, node: str) -> dict[str, Any] | None:
+def _proxy_sync(target: Target, recorded: Recorded | None, node: str) -> dict[str, Any] | None:
     """What the node's kube-proxy says of its last sync (its /healthz, asked inside the node)."""
     from testbed.node.podnet import entered_netns
 
-    recorded = ProcessTable(target.state.path).load().get(name)
-    argv = list(recorded.argv or []) if recorded is not None else []
-    if METRICS_FLAG not in argv[:-1]:
+    address = recorded.flag("--metrics-address") if recorded is not None else None
+    if address is None:
         return None
-    address = argv[argv.index(METRICS_FLAG) + 1]
     try:
         with entered_netns(naming.node_netns(target.name, node)):
             with urllib.request.urlopen(f"http://{address}/healthz", timeout=2) as answer:
@@ -146,9 +142,10 @@ def status(target: Target, output: str) -> None:
     if not target.state.path.exists():
         fail(f'no cluster "{target.name}" (nothing in {target.state.path})')
     components, supervisor = _components(target)
+    table = ProcessTable(target.state.path).load()
     for item in components:
         if item["component"] == "kube-proxy" and item["state"] == "RUNNING":
-            item["sync"] = _proxy_sync(target, item["name"], item["node"])
+            item["sync"] = _proxy_sync(target, table.get(item["name"]), item["node"])
     report = {"cluster": target.name, "supervisor": supervisor, "apiserver": _apiserver_health(target),
               "components": components}
     if output == "json":

@@ -31,6 +31,11 @@ class Recorded:
     def alive(self) -> bool:
         return self.starttime is not None and starttime(self.pid) == self.starttime
 
+    def flag(self, name: str, default: str | None = None) -> str | None:
+        """The value the process was started with for `name` (e.g. "--proxy-mode"), else default."""
+        argv = self.argv or []
+        return argv[argv.index(name) + 1] if name in argv[:-1] else default
+
 
 class ProcessTable:
     """processes.json in the state directory: name -> pid and start time."""
