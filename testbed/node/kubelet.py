@@ -383,9 +383,13 @@ class Kubelet:
                 await self._write_status(self.pods.get(*key) or pod, phase="Failed", ip=running.ip,
                                          reason="Error", message=f"command exited {running.process.returncode}")
                 return
-            if ready != running.ready:
+            current = self.pods.get(*key) or pod
+            # Reconcile with the API, not only with what was last posted (upstream's status
+            # manager does the same): the node controller marks a silent node's pods not
+            # ready, and a kubelet back from a stall must put its own verdict back.
+            if ready != running.ready or _posted_ready(current) != ready:
                 running.ready = ready
-                await self._write_status(self.pods.get(*key) or pod, phase="Running", ip=running.ip, ready=ready)
+                await self._write_status(current, phase="Running", ip=running.ip, ready=ready)
 
     async def _write_status(self, pod: pb.Pod, phase: str, ip: str = "", ready: bool = False,
                             reason: str = "", message: str = "") -> None:
@@ -473,6 +477,10 @@ def _pod_addresses(cidr: ipaddress.IPv4Network) -> tuple[str, ...]:
     """The pod addresses of a node's CIDR (.1 is the gateway on cni0), made once: 253 address
     objects per pod started cost ~5 ms of a busy kubelet's time."""
     return tuple(str(host) for host in cidr.hosts())[1:]
+
+
+def _posted_ready(pod: pb.Pod) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)
 
 
 def _set_condition(status: pb.PodStatus, type_: str, value: str, reason: str = "", message: str = "") -> None:
