@@ -33,6 +33,7 @@ log = logging.getLogger("svclab.controller-manager")
 
 OWNER_KINDS = {"Deployment": "deployments", "Service": "services"}
 DELETE_BATCH = 100  # deletes in flight at once
+MAX_BACKOFF_KEEP = 1000.0  # seconds a failed object's back-off is remembered past its end
 
 
 class GarbageCollector:
@@ -76,21 +77,18 @@ class GarbageCollector:
                 yield pod
 
     def _work(self) -> Iterator[tuple[str, Message, int | None]]:
-        now = time.monotonic()
         for kind, obj in self.orphans():
             yield kind, obj, None
         for pod in self.abandoned_pods():
             yield "Pod", pod, 0
-        for key, when in list(self._not_before.items()):
-            if when <= now:
-                del self._not_before[key]
 
     async def sweep(self) -> int:
         """Delete what is to be collected, DELETE_BATCH at a time; how many deletes succeeded."""
         done, batch = 0, []
+        now = time.monotonic()
         for item in self._work():
-            if (item[0], item[1].metadata.namespace, item[1].metadata.name) in self._not_before:
-                continue
+            if self._not_before.get((item[0], item[1].metadata.namespace, item[1].metadata.name), 0) > now:
+                continue  # failed before: its back-off is not over
             batch.append(item)
             if len(batch) >= DELETE_BATCH:
                 done += await self._delete_batch(batch)
@@ -122,6 +120,7 @@ class GarbageCollector:
                       key_text(key[1:]), text, retries + 1, delay)
             return False
         self._backoff.forget(key)
+        self._not_before.pop(key, None)
         return True
 
     async def run(self) -> None:
@@ -137,8 +136,14 @@ class GarbageCollector:
                 log.exception("garbage collector: sweep failed (retrying)")
             self._wake.clear()
             wait = self.interval
-            if self._not_before:  # a failed object's back-off may end before the next interval
-                wait = max(0.005, min(wait, min(self._not_before.values()) - time.monotonic()))
+            now = time.monotonic()
+            for key, when in list(self._not_before.items()):
+                if when < now - MAX_BACKOFF_KEEP:  # gone, or no longer collectable: stop tracking it
+                    del self._not_before[key]
+                    self._backoff.forget(key)
+            upcoming = [when for when in self._not_before.values() if when > now]
+            if upcoming:  # a failed object's back-off may end before the next interval
+                wait = max(0.005, min(wait, min(upcoming) - now))
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
             except asyncio.TimeoutError:

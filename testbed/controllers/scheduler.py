@@ -107,10 +107,6 @@ class Scheduler:
                 fits[name] = load
         return fits, len(nodes), reasons
 
-    def pick_node(self) -> str | None:
-        fits, _, _ = self.feasible()
-        return min(sorted(fits), key=lambda name: fits[name]) if fits else None
-
     async def reconcile(self, key: tuple[str, str]) -> None:
         pod = self.informers.pods.get(*key)
         if pod is None or pod.spec.node_name or pod.metadata.deletion_timestamp or key in self._bound:

@@ -63,10 +63,18 @@ class ProxyServer:
         self._pending = {"services": 0, "endpoints": 0}
         self.failed: dict[ServicePortName, str] = {}  # Service ports left out: the kernel refused their rules
         self._backend_lock = asyncio.Lock()  # one backend call at a time: syncs and the monitor's probes
-        self.services.on_change(self.tracker.on_service)
-        self.slices.on_change(self.tracker.on_slice)
-        self.services.on_change(lambda *_: self._queued("services"))
-        self.slices.on_change(lambda *_: self._queued("endpoints"))
+        # One handler per kind: if the tracker raises for an object, the informer hands it the
+        # object again after a back-off, and a sync is requested once it is taken.
+        self.services.on_change(self._on_service)
+        self.slices.on_change(self._on_slice)
+
+    def _on_service(self, event_type: str, old, new) -> None:
+        self.tracker.on_service(event_type, old, new)
+        self._queued("services")
+
+    def _on_slice(self, event_type: str, old, new) -> None:
+        self.tracker.on_slice(event_type, old, new)
+        self._queued("endpoints")
 
     def _queued(self, what: str) -> None:
         self._pending[what] += 1
