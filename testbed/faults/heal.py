@@ -12,7 +12,7 @@ import os
 from typing import Callable
 
 from testbed import naming
-from testbed.faults import dns, network, nft, nodes, shaping
+from testbed.faults import dns, network, nft, shaping
 from testbed.faults.state import Fault, FaultStore
 from testbed.faults.target import HOST_LINKS, DEFAULT_LINKS, FaultError, FaultTarget
 
@@ -81,10 +81,3 @@ def leftovers(cluster: FaultTarget) -> list[str]:
         found += [f"{host}: table {t}" for t in nft.list_tables(netns, cluster.cluster)]
         found += [f"{host}: qdisc {q}" for q in shaping.qdiscs(netns, HOST_LINKS.get(host, DEFAULT_LINKS))]
     return found
-
-
-def before_teardown(cluster: FaultTarget) -> None:
-    """What `svclab down` and `clean` do first: continue frozen processes, so that they can stop.
-    The rest goes with the namespaces (tables, qdiscs, ifb devices, downed links) and the state
-    directory (faults.json, the API's dns-error annotation)."""
-    nodes.continue_frozen(cluster)

@@ -20,8 +20,7 @@ from testbed.cluster import procfs
 from testbed.faults import api
 from testbed.faults.state import Fault
 from testbed.faults.target import FaultError, FaultTarget
-
-RUNTIME_SOCKET = "runtime.sock"
+from testbed.node.runtime import SOCKET as RUNTIME_SOCKET
 
 
 def runtime_socket(cluster: FaultTarget, node: str):
