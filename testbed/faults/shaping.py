@@ -18,8 +18,8 @@ TBF_LATENCY = "100ms"  # how long a packet may wait in the bucket before tbf dro
 MIN_BURST_BYTES = 4096  # at least a few full-size frames, whatever the rate
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)$")
 _SCALE = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
-NETEM_ADVICE = ("delay and jitter need a kernel with sch_netem, which this kernel lacks; they work on the "
-                "stock-kernel VM tier (vng, docs/testing.md) and in the Vagrant lab (Vagrantfile)")
+NETEM_ADVICE = ("delay and jitter need a kernel with sch_netem, which this kernel lacks: run the scenario on a "
+                "stock kernel, the Vagrant lab VM (Vagrantfile) or a stock-kernel VM booted with vng (docs/faults.md)")
 
 
 def parse_rate(text: object, field: str = "rate") -> int:
