@@ -31,6 +31,7 @@ from tests.fault_traffic import connect, dns_rcode, echo_server, echoes, http_ge
     udp_delivered
 from tests.netns import inside
 from tests.test_cluster import LabCluster, cluster_name, leftovers, netns_inodes
+from tests.test_supervision import wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -55,17 +56,6 @@ spec:
   containers: [{name: sleeper, image: busybox, command: [sleep, "600"]}]
 """
 DNS_NAME = "frontend-service.default.svc.cluster.local"
-
-
-def wait_for(what: str, check, timeout: float = 15.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
