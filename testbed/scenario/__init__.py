@@ -1,0 +1,1 @@
+"""Scenarios: scripted experiments with traffic, faults, assertions, a report and plots (`svclab run`)."""
