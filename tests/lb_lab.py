@@ -20,8 +20,9 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +30,10 @@ from controller import flows
 from testbed.client.client import ApiClient
 from testbed.cloud.lb_table import Port
 from testbed.paths import StateDir
+from testbed import naming
 from testbed.cluster import cloud_lb
-from tests.conftest import REPO
+from testbed.scenario.records import Record
+from testbed.scenario.traffic import Generator, GeneratorSpec
 from testbed.cluster.topo import Names
 from tests.test_cluster import LabCluster, cluster_name, leftovers
 
@@ -189,10 +192,21 @@ def get_json(lab: LabCluster, url: str, timeout: float = 10) -> dict:
         time.sleep(0.2)
 
 
-def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float = 1.0) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "bench.loadgen", url,
-                             "--rate", str(rate), "--duration", str(duration), "--timeout", str(timeout)],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float = 1.0) -> Generator:
+    """New connections from the client to url at `rate` for `duration` s (a scenario traffic generator), started."""
+    spec = GeneratorSpec("load", naming.node_netns(lab.name, "client"), url, rate=rate, stop=duration,
+                         timeout=timeout, source="client")
+    generator = Generator(spec, time.monotonic() + 0.2, Path(tempfile.mkdtemp(prefix="load-", dir=lab.root)))
+    generator.start()
+    generator.wait_ready()
+    return generator
+
+
+def load_records(lab: LabCluster, url: str, rate: float, duration: float) -> list[Record]:
+    """load(), waited for: its requests."""
+    generator = load(lab, url, rate, duration)
+    generator.wait()
+    return generator.records()
 
 
 def set_port(lab: LabCluster, node: str, state: str) -> None:

@@ -176,7 +176,7 @@ async def _main(config: dict) -> None:
     loop = asyncio.get_running_loop()
     # name lookups run in threads (getaddrinfo, as any client of the namespace's resolver): enough of them
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=min(64, spec.inflight_limit)))
-    with open(config["records"], "a", buffering=1) as out:
+    with open(config["records"], "w", buffering=1) as out:
         probe = Probe(spec, config["t0"], out)
         loop.add_signal_handler(signal.SIGTERM, probe.stopping.set)
         print("ready", flush=True)
