@@ -304,3 +304,31 @@ def test_timeline_png_is_drawn(tmp_path):
     height, width = image.shape[:2]
     assert width > 1000 and height > 500  # two panels (one generator, two modes)
     assert image.std() > 0.05  # not a blank canvas
+
+
+# ------------------------------------------------------------------ what `svclab run` prints
+
+def test_progress_line_and_assertions_table():
+    import io
+
+    from rich.console import Console
+
+    from testbed.scenario.progress import ScenarioProgress, assertions_table
+    from testbed.scenario.traffic import GeneratorStats
+
+    console = Console(file=io.StringIO(), width=200, force_terminal=False)
+    stats = GeneratorStats("web")
+    stats.add(steady(10) + [fail(1.1)])
+    with ScenarioProgress("node-failure", 40, mode="iptables", console=console) as progress:
+        progress.update(12.34, {"web": stats, "inside": GeneratorStats("inside")}, "crash (node-crash node2)")
+        line = progress.render().plain
+    assert line == ("node-failure [iptables]   12.3s / 40s  web 10 ok / 1 failed  inside 0 ok / 0 failed  "
+                    "last: crash (node-crash node2)")
+    report = sample_report()
+    console = Console(file=io.StringIO(), width=250, force_terminal=False, record=True)
+    console.print(assertions_table({run.mode: run.assertions for run in report.runs}))
+    text = console.export_text()
+    assert "measured [iptables]" in text and "measured [nftables]" in text
+    rows = {line.split("│")[1].strip(): line for line in text.splitlines() if line.startswith("│")}
+    assert rows["after"].count("FAIL") == 2 and rows["failover"].count("PASS") == 2
+    assert "[start, crash] = [0.00s, 10.00s]" in rows["all good"]  # no markup eaten

@@ -14,7 +14,10 @@ import time
 import pytest
 
 from testbed import naming
+from testbed.cluster.proxy_readback import NodeProxy
 from testbed.scenario import assertions as A
+from testbed.scenario.convergence import (change_applied, converged_within, rules_match, rules_result, synced_since,
+                                          watch_convergence)
 from testbed.scenario.assertions import Expect
 from testbed.scenario.records import Record, Window
 from testbed.scenario.traffic import GeneratorSpec, GeneratorSummary, Traffic
@@ -159,3 +162,38 @@ def test_a_rate_the_machine_cannot_keep_is_reported_lower(lab, extras, tmp_path)
     assert flood.achieved_rate < 10_000 and not flood.rate_kept and flood.late_starts > flood.sent / 2
     # refused, or timed out once the kernel's ICMP rate limit (icmp_msgs_per_sec) holds back the REJECT's answer
     assert flood.outcomes.get("refused", 0) > 0 and set(flood.outcomes) <= {"refused", "timeout"}, flood
+
+
+def proxies(lab) -> dict[str, NodeProxy]:
+    return {node: NodeProxy(lab.name, lab.state, node) for node in NODES}
+
+
+def test_every_nodes_kube_proxy_applies_a_scale_read_from_its_metrics_and_rules(lab, extras):
+    nodes = proxies(lab)
+    before = {p["status"]["podIP"] for p in ready_pods(lab, "udpe", 2)}
+    t0 = time.monotonic()
+    applied = change_applied(nodes)  # baselines read before the action
+    assert not any(applied(node) for node in NODES)  # nothing changed yet
+    lab.svclab("scale", "deployment", "udpe", "--replicas", "3", check=True)
+    seen = watch_convergence(applied, list(NODES), "scale", time.monotonic() - t0, t0, timeout=15)
+    result = converged_within("converged", seen, 10.0)
+    assert result.passed, result.message
+    three = {p["status"]["podIP"] for p in ready_pods(lab, "udpe", 3)}
+    endpoint = f"{(three - before).pop()}:9000"
+    window = Window(0, 60)
+    for node, proxy in nodes.items():  # the rules say the same as the metrics, in the kernel's own dump
+        rules = proxy.rules()
+        assert rules_result("has it", node, endpoint, True, rules, 1.0, window).passed
+        assert not rules_result("gone", node, endpoint, False, rules, 1.0, window).passed
+    t1 = time.monotonic()
+    lab.svclab("scale", "deployment", "udpe", "--replicas", "2", check=True)
+    two = {p["status"]["podIP"] for p in ready_pods(lab, "udpe", 2)}
+    removed = [f"{ip}:9000" for ip in three - two]
+    gone = rules_match(nodes, contain=[f"{ip}:9000" for ip in two], lack=removed)
+    seen = watch_convergence(gone, list(NODES), "scale down", 0.0, t1, timeout=15)
+    assert len(removed) == 1 and converged_within("gone", seen, 10).passed, seen
+    # a sync that never comes: not converged, and the assertion says which nodes
+    never = watch_convergence(synced_since(nodes, time.time() + 3600), list(NODES), "never", 0.0, time.monotonic(),
+                              timeout=0.3)
+    result = converged_within("never", never, 10.0)
+    assert not result.passed and "node1 not within 0.3s" in result.measured

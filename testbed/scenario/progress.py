@@ -78,7 +78,7 @@ def assertions_table(runs: Mapping[str, list[AssertionResult]], title: str = "as
     modes = list(runs)
     several = len(modes) > 1
     for mode in modes:
-        table.add_column(f"measured [{mode}]" if several else "measured", overflow="fold")
+        table.add_column(Text(f"measured [{mode}]" if several else "measured"), overflow="fold")
         table.add_column(mode if several else "result", no_wrap=True)
     rows = max((len(results) for results in runs.values()), default=0)
     for i in range(rows):
