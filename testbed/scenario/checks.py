@@ -17,7 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from testbed.api.kinds import UnknownKind, kind_named
 from testbed.cluster.config import ClusterConfig, ConfigError
 from testbed.manifests import ManifestInvalid, parse, read_source
-from testbed.scenario.actions import Action, ActionBase, Delay, Delete, ManifestRef
+from testbed.scenario.actions import ACTIONS, Action, ActionBase, Delay, Delete, ManifestRef
 from testbed.scenario.kernel import WHERE_IT_WORKS, KernelFeatures
 from testbed.scenario.model import TRAFFIC_CHECKS, Assertion, ClusterSpec, TrafficSpec, default_cluster_name
 from testbed.scenario.plan import ActionIndex, UnknownReference, planned_times, point_time
@@ -83,7 +83,8 @@ class _Checker:
         self.problems: list[Problem] = []
         self.nodes = parts.cluster.nodes if parts.cluster is not None else None
         raw_timeline = parts.raw_list("timeline")
-        self.index = ActionIndex((i, _text(a.get("name")), _text(a.get("action"))) for i, a in enumerate(raw_timeline))
+        self.index = ActionIndex((i, _text(a.get("name")), _known_kind(a.get("action")))
+                                 for i, a in enumerate(raw_timeline))
         self.generators = {_text(t.get("name")) for t in parts.raw_list("traffic")} - {None}
         self.actions: list[tuple[int, ActionBase]] = parts.items["timeline"]
         self.times = planned_times(self.actions, self.index)
@@ -304,6 +305,10 @@ def _config_problem(spec: ClusterSpec, message: str) -> tuple[Loc, str]:
     if keys == ["kubeProxy", "mode"] and spec.proxy_mode:
         keys = ["proxyMode"]
     return ("cluster", *keys), rest
+
+
+def _known_kind(value: Any) -> str | None:
+    return value if isinstance(value, str) and value in ACTIONS else None
 
 
 def _text(value: Any) -> str | None:
