@@ -124,16 +124,8 @@ def test_the_contract_loads_as_written_and_plans_crash_at_10s_recover_at_25s(tmp
     assert str(after.window) == "[crash+3s, end]"
     times = {p.position: p.at for p in plan}
     assert window_times(after.window, ActionIndex.of(scenario.timeline), times, scenario.duration) == (13.0, 40.0)
-    assert [o.__class__.__name__ for o in scenario_objects(scenario)] == ["Deployment", "Service"]
-
-
-def scenario_objects(scenario: Scenario):
-    from testbed.manifests import parse
-    out = []
-    for ref in scenario.manifests:
-        text = scenario.manifest_path(ref).read_text() if ref.file else ref.inline
-        out += parse(text, "m").objects
-    return out
+    objects = scenario.manifest_objects().objects
+    assert [(o.DESCRIPTOR.name, o.metadata.name) for o in objects] == [("Deployment", "frontend"), ("Service", "frontend-lb")]
 
 
 def test_the_shipped_scenarios_validate():

@@ -8,10 +8,13 @@ and Litmus' names (pod-kill, pod-delete, partition, loss, bandwidth, delay, dns-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import Field, model_validator
 
+from testbed.manifests import Manifest, merge, parse, read_source
 from testbed.scenario.base import Strict, parsed
 from testbed.scenario.syntax import (Name, AfterRef, Condition, ConditionValue, LinkHost, NodeName, Selector,
                                      TimeRef)
@@ -44,6 +47,25 @@ class ManifestRef(Strict):
         if (self.file is None) == (self.inline is None):
             raise ValueError("give either file: (a path relative to the scenario) or inline: (YAML text)")
         return self
+
+    def read(self, base_dir: Path) -> tuple[str, str]:
+        """(source name, YAML text): the file's, relative to base_dir, or the inline text;
+        ManifestInvalid when the file cannot be read."""
+        if self.file is None:
+            return "inline", self.inline or ""
+        path = base_dir / self.file
+        return str(path), read_source(str(path))
+
+
+def load_manifests(refs: list[ManifestRef], base_dir: Path, namespace: str = "") -> Manifest:
+    """The API objects of refs, in order (what `svclab apply -f` would send); ManifestInvalid
+    listing every bad document."""
+    return merge(partial(_parse_ref, ref, base_dir, namespace) for ref in refs)
+
+
+def _parse_ref(ref: ManifestRef, base_dir: Path, namespace: str) -> Manifest:
+    source, text = ref.read(base_dir)
+    return parse(text, source, namespace)
 
 
 class ActionBase(Strict):

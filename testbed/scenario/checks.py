@@ -16,8 +16,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from testbed.api.kinds import UnknownKind, kind_named
 from testbed.cluster.config import ClusterConfig, ConfigError
-from testbed.manifests import ManifestInvalid, parse, read_source
-from testbed.scenario.actions import ACTIONS, Action, ActionBase, Delay, Delete, ManifestRef
+from testbed.manifests import ManifestInvalid
+from testbed.scenario.actions import ACTIONS, Action, ActionBase, Delay, Delete, ManifestRef, load_manifests
 from testbed.scenario.kernel import WHERE_IT_WORKS, KernelFeatures
 from testbed.scenario.model import TRAFFIC_CHECKS, Assertion, ClusterSpec, TrafficSpec, default_cluster_name
 from testbed.scenario.plan import ActionIndex, UnknownReference, planned_times, point_time
@@ -28,7 +28,7 @@ Loc = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
-class Problem:
+class FieldProblem:
     path: Loc  # keys and list positions from the top of the file
     message: str
 
@@ -36,8 +36,11 @@ class Problem:
 #: The actions whose pods (or node's pods) noTrafficTo may name.
 POD_ACTIONS = ("pod-delete", "pod-kill", "node-crash", "node-freeze")
 
-_ITEM_TYPES: dict[str, Any] = {"manifests": ManifestRef, "traffic": TrafficSpec, "timeline": Action,
-                               "assertions": Assertion}
+#: How each list of the file is validated item by item (and the cluster and duration alone).
+_ADAPTERS: dict[str, TypeAdapter] = {key: TypeAdapter(item_type) for key, item_type in (
+    ("manifests", ManifestRef), ("traffic", TrafficSpec), ("timeline", Action), ("assertions", Assertion),
+    ("cluster", ClusterSpec), ("duration", PositiveDuration))}
+_LISTS = ("manifests", "traffic", "timeline", "assertions")
 
 
 @dataclass
@@ -51,12 +54,11 @@ class Parts:
 
     @classmethod
     def of(cls, raw: dict) -> "Parts":
-        parts = cls(raw, cluster=_valid(ClusterSpec, raw.get("cluster", {})),
-                    duration=_valid(PositiveDuration, raw.get("duration")))
-        for key, item_type in _ITEM_TYPES.items():
+        parts = cls(raw, cluster=_valid("cluster", raw.get("cluster", {})), duration=_valid("duration", raw.get("duration")))
+        for key in _LISTS:
             listed = raw.get(key)
             items = listed if isinstance(listed, list) else []
-            parts.items[key] = [(i, v) for i, v in ((i, _valid(item_type, x)) for i, x in enumerate(items)) if v is not None]
+            parts.items[key] = [(i, v) for i, v in ((i, _valid(key, x)) for i, x in enumerate(items)) if v is not None]
         return parts
 
     def raw_list(self, key: str) -> list[dict]:
@@ -64,14 +66,14 @@ class Parts:
         return [x if isinstance(x, dict) else {} for x in listed] if isinstance(listed, list) else []
 
 
-def _valid(item_type: Any, value: Any) -> Any:
+def _valid(key: str, value: Any) -> Any:
     try:
-        return TypeAdapter(item_type).validate_python(value)
+        return _ADAPTERS[key].validate_python(value)
     except ValidationError:
         return None
 
 
-def check(parts: Parts, base_dir: Path, kernel: KernelFeatures) -> list[Problem]:
+def check(parts: Parts, base_dir: Path, kernel: KernelFeatures) -> list[FieldProblem]:
     checker = _Checker(parts, base_dir, kernel)
     checker.run()
     return checker.problems
@@ -80,7 +82,7 @@ def check(parts: Parts, base_dir: Path, kernel: KernelFeatures) -> list[Problem]
 class _Checker:
     def __init__(self, parts: Parts, base_dir: Path, kernel: KernelFeatures) -> None:
         self.parts, self.base_dir, self.kernel = parts, base_dir, kernel
-        self.problems: list[Problem] = []
+        self.problems: list[FieldProblem] = []
         self.nodes = parts.cluster.nodes if parts.cluster is not None else None
         raw_timeline = parts.raw_list("timeline")
         self.index = ActionIndex((i, _text(a.get("name")), _known_kind(a.get("action")))
@@ -90,7 +92,7 @@ class _Checker:
         self.times = planned_times(self.actions, self.index)
 
     def add(self, path: Loc, message: str) -> None:
-        self.problems.append(Problem(path, message))
+        self.problems.append(FieldProblem(path, message))
 
     def run(self) -> None:
         self.check_unique_names()
@@ -156,17 +158,12 @@ class _Checker:
                          f"proxy mode ipvs: this kernel has no IPVS; use iptables or nftables, or run in {WHERE_IT_WORKS}")
 
     def check_manifest(self, path: Loc, ref: ManifestRef) -> None:
-        if ref.file is not None:
-            file = self.base_dir / ref.file
-            if not file.is_file():
-                self.add(path + ("file",), f"no such file: {file}")
-                return
-            source, key = str(file), "file"
-        else:
-            source, key = "inline", "inline"
+        key = "file" if ref.file is not None else "inline"
+        if ref.file is not None and not (self.base_dir / ref.file).is_file():
+            self.add(path + (key,), f"no such file: {self.base_dir / ref.file}")
+            return
         try:
-            text = read_source(source) if ref.file is not None else ref.inline
-            parse(text, source)
+            load_manifests([ref], self.base_dir)
         except ManifestInvalid as exc:
             for line in str(exc).splitlines():
                 self.add(path + (key,), line.removeprefix("error: "))

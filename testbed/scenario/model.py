@@ -16,13 +16,16 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from testbed.cluster.config import MODES, ClusterConfig
-from testbed.scenario.actions import ACTIONS, COMPONENTS, NODE_COMPONENTS, Action, ActionBase, ManifestRef, Trigger
+from testbed.manifests import Manifest
+from testbed.scenario.actions import (ACTIONS, COMPONENTS, NODE_COMPONENTS, Action, ActionBase, ManifestRef, Trigger,
+                                      load_manifests)
 from testbed.scenario.base import Strict
 from testbed.scenario.syntax import (WHOLE_RUN, Address, HostValue, Name, NodeName, PodsTarget, ScenarioName,
                                      WindowValue, templates_in)
 from testbed.scenario.units import ComparisonValue, Duration, PositiveDuration, Rate, format_duration
 
 __all__ = ["ACTIONS", "COMPONENTS", "NODE_COMPONENTS", "Action", "ActionBase", "ManifestRef", "Trigger",  # actions.py
+           "load_manifests",
            "ClusterSpec", "TrafficSpec", "Balance", "Rules", "Check", "Assertion", "Scenario", "TRAFFIC_CHECKS",
            "CLUSTER_CHECKS", "default_cluster_name"]
 
@@ -251,8 +254,9 @@ class Scenario(Strict):
     def base_dir(self) -> Path:
         return self._path.parent if self._path else Path.cwd()
 
-    def manifest_path(self, ref: ManifestRef) -> Path:
-        return self.base_dir / ref.file if ref.file else self.base_dir
+    def manifest_objects(self) -> Manifest:
+        """The API objects of manifests:, in order (testbed/client/apply.py's apply_objects takes them)."""
+        return load_manifests(self.manifests, self.base_dir)
 
     def generator(self, name: str) -> TrafficSpec:
         return next(t for t in self.traffic if t.name == name)
