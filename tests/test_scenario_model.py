@@ -285,7 +285,7 @@ def test_missing_required_key(tmp_path):
     ("duration: 40s", "duration: 0s", "s.yaml:3: duration: invalid duration '0s': must be more than 0"),
     ("rate: 20/s", "rate: 20 per second", "s.yaml:5: traffic[0].rate: invalid rate '20 per second' (e.g. 20/s, 120/m)"),
     ('">= 0.99"', '"at least 0.99"', "s.yaml:10: assertions[0].successRate: invalid comparison 'at least 0.99'"),
-    ('">= 0.99"', '">= 2"', "s.yaml:10: assertions[0]: successRate: >= 2: a fraction from 0 to 1 (or a percent)"),
+    ('">= 0.99"', '">= 2"', "s.yaml:10: assertions[0].successRate: >= 2: a fraction from 0 to 1 (or a percent)"),
 ])
 def test_bad_values(tmp_path, old, new, expected):
     assert one_problem(tmp_path, old, new).startswith(expected)
@@ -365,7 +365,7 @@ def test_triggers_exactly_one_and_timeout_only_with_when(tmp_path):
         "s.yaml:8: timeline[1]: say when it happens with exactly one of at: (a time), after: ")
     assert one_problem(tmp_path, "{after: crash+15s, ", "{at: 25s, after: crash+15s, ").endswith("; got at, after")
     assert one_problem(tmp_path, "{after: crash+15s, ", "{when: converged(), ").startswith(
-        "s.yaml:8: timeline[1]: when: needs a timeout:")
+        "s.yaml:8: timeline[1].when: needs a timeout:")
 
 
 def test_unknown_generator_and_traffic_checks_without_one(tmp_path):
@@ -399,7 +399,7 @@ def test_address_templates_of_unknown_kind_or_unfinished(tmp_path):
     assert one_problem(tmp_path, "${externalIP:frontend-lb}", "${externalIP:frontend-lb").startswith(
         "s.yaml:5: traffic[0].to: unfinished address template")
     assert one_problem(tmp_path, '"http://${externalIP:frontend-lb}/"', '"${clusterIP:x}"') == \
-        "s.yaml:5: traffic[0]: to: '${clusterIP:x}': want a URL (http://frontend-service/) or host:port"
+        "s.yaml:5: traffic[0].to: '${clusterIP:x}': want a URL (http://frontend-service/) or host:port (a port from 1 to 65535)"
 
 
 def test_delay_is_refused_here_saying_where_it_works_and_loads_on_the_vm(tmp_path):
@@ -448,15 +448,17 @@ def test_local_rules_of_actions_and_traffic(tmp_path):
                    "  - {at: 11s, action: partition, groups: [[node1], [node2], [node3]], direction: one-way}\n"
                    "  - {at: 11s, action: component-stop, component: apiserver, node: node1}\n"
                    "  - {at: 11s, action: pod-delete, pod: web-1, pick: random}\n  - {after: crash+15s")
-    assert [f.split(": ", 2)[2] for f in found] == [
-        "client in more than one place: each host belongs to one group",
-        "direction: one-way takes exactly two groups (the first cannot reach the second)",
-        "node: only for kubelet and kube-proxy (apiserver runs once per cluster)",
-        "pick: chooses among the pods of a selector:, not a named pod:"]
+    assert [f.split(": ", 1)[1] for f in found] == [
+        "timeline[1]: client in more than one place: each host belongs to one group",
+        "timeline[2].direction: one-way takes exactly two groups (the first cannot reach the second)",
+        "timeline[3].node: only for kubelet and kube-proxy (apiserver runs once per cluster)",
+        "timeline[4].pick: chooses among the pods of a selector:, not a named pod:"]
     assert one_problem(tmp_path, "rate: 20/s}", "rate: 20/s, start: 30s, stop: 10s}") == \
         "s.yaml:5: traffic[0].stop: stop (10s) must come after start (30s)"
+    assert one_problem(tmp_path, '"http://${externalIP:frontend-lb}/"', '"x:99999"').endswith(
+        "want a URL (http://frontend-service/) or host:port (a port from 1 to 65535)")
     assert one_problem(tmp_path, '"http://${externalIP:frontend-lb}/"', '"http://x/", protocol: udp') == \
-        "s.yaml:5: traffic[0]: to: 'http://x/': protocol udp takes host:port, not a URL"
+        "s.yaml:5: traffic[0].to: 'http://x/': protocol udp takes host:port, not a URL"
 
 
 def test_every_problem_of_a_file_at_once_without_pydantic_noise(tmp_path):

@@ -135,10 +135,28 @@ def _from_pydantic(error: dict, data: Any) -> tuple[Loc, str]:
     if kind == "union_tag_not_found":
         return loc, f"which action? give action: ({_unquote(_tags())})"
     message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if kind == "value_error":
+        loc, message = _at_key_named(loc, error["loc"], data, message)
     value = error.get("input")
     if kind not in ("value_error", "assertion_error") and isinstance(value, (str, int, float)):
         message += f" (got {value!r})"
     return loc, message
+
+
+def _at_key_named(loc: Loc, pydantic_loc: tuple, data: Any, message: str) -> tuple[Loc, str]:
+    """A model's own check that starts with one of its keys ("to: ...") is that key's problem."""
+    key, sep, rest = message.partition(": ")
+    model = _model_at(Scenario, pydantic_loc)
+    value = _value_at(data, loc)
+    if sep and model and key in allowed_keys(model) and isinstance(value, dict) and key in value:
+        return loc + (key,), rest
+    return loc, message
+
+
+def _value_at(data: Any, loc: Loc) -> Any:
+    for part in loc:
+        data = data[part]
+    return data
 
 
 def _data_loc(loc: tuple, data: Any, missing: bool) -> Loc:

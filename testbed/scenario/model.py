@@ -19,9 +19,9 @@ from testbed.cluster.config import MODES, ClusterConfig
 from testbed.manifests import Manifest
 from testbed.scenario.actions import (ACTIONS, COMPONENTS, NODE_COMPONENTS, Action, ActionBase, ManifestRef, Trigger,
                                       load_manifests)
-from testbed.scenario.base import Strict
-from testbed.scenario.syntax import (WHOLE_RUN, Address, HostValue, Name, NodeName, PodsTarget, ScenarioName,
-                                     WindowValue, templates_in)
+from testbed.scenario.base import Strict, text_type
+from testbed.scenario.syntax import (WHOLE_RUN, Address, HostValue, Name, PodsTarget, ScenarioName, WindowValue,
+                                     check_node, templates_in)
 from testbed.scenario.units import ComparisonValue, Duration, PositiveDuration, Rate, format_duration
 
 __all__ = ["ACTIONS", "COMPONENTS", "NODE_COMPONENTS", "Action", "ActionBase", "ManifestRef", "Trigger",  # actions.py
@@ -96,8 +96,10 @@ class TrafficSpec(Strict):
             raise ValueError(f"to: {self.destination!r}: only http:// URLs (or host:port for tcp and udp)")
         if self.protocol in ("tcp", "udp") and is_url:
             raise ValueError(f"to: {self.destination!r}: protocol {self.protocol} takes host:port, not a URL")
-        if not is_url and not _HOST_PORT.match(_placeholders(self.destination)):
-            raise ValueError(f"to: {self.destination!r}: want a URL (http://frontend-service/) or host:port")
+        host_port = None if is_url else _HOST_PORT.match(_placeholders(self.destination))
+        if not is_url and not (host_port and 0 < int(host_port.group(1)) < 65536):
+            raise ValueError(f"to: {self.destination!r}: want a URL (http://frontend-service/) or host:port "
+                             "(a port from 1 to 65535)")
         if self.protocol == "http" and not is_url:
             raise ValueError(f"to: {self.destination!r}: protocol http takes a URL (http://host[:port]/path)")
         if self.connections == "keepalive" and self.protocol == "udp":
@@ -136,11 +138,18 @@ class Balance(Strict):
         return self
 
 
+def _rules_node(value: Any) -> str:
+    return value if value == "all" else check_node(value)
+
+
+RulesNode = text_type(_rules_node)
+
+
 class Rules(Strict):
     """What a node's kube-proxy rules hold at the window's end: `contains` or `notContains` an
     endpoint (an address, templates allowed: "${podIP:app=frontend}:8080"); node: nodeN or all."""
 
-    node: NodeName | Literal["all"]
+    node: RulesNode
     contains: Address | None = None
     not_contains: Address | None = None
 
