@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ from testbed.scenario.kernel import KernelFeatures
 from testbed.scenario.loader import ScenarioError, load_scenario
 from testbed.scenario.base import allowed_keys
 from testbed.scenario.model import CLUSTER_CHECKS, TRAFFIC_CHECKS, ClusterSpec, Scenario, default_cluster_name
-from testbed.scenario.plan import ActionIndex, resolve_timeline, window_times
+from testbed.scenario.plan import ActionIndex, resolve_timeline, traffic_seeds, window_times
 from testbed.scenario.syntax import substitute, templates_in
 from testbed.scenario.units import Bandwidth, Comparison, parse_duration, parse_percent, parse_rate
 from tests.conftest import REPO, svclab_command
@@ -209,6 +210,19 @@ def test_another_seed_picks_other_pods(tmp_path):
     assert len({tuple(p) for p in picks.values()}) > 1, picks
     assert [p.at for p in resolve_timeline(scenario.with_seed(1))] == [5.0, 6.0, 10.0, 25.0]
     assert scenario.with_seed(1).path == scenario.path and scenario.with_seed(None) is scenario
+
+
+def test_traffic_seeds_follow_the_seed_and_the_generators_name(tmp_path):
+    scenario = load_scenario(REPO / "scenarios/node-failure.yaml", kernel=HERE)
+    seeds = traffic_seeds(scenario)
+    assert seeds == traffic_seeds(scenario) and seeds["web"] != seeds["inside"]
+    assert traffic_seeds(scenario.with_seed(8))["web"] != seeds["web"]
+    # run in another process, the seeds are the same (str seeds are not hashed per process)
+    r = subprocess.run([sys.executable, "-c", "from testbed.scenario.loader import load_scenario; "
+                        "from testbed.scenario.plan import traffic_seeds; "
+                        "print(traffic_seeds(load_scenario('scenarios/node-failure.yaml'))['web'])"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.stdout.strip() == str(seeds["web"]), r.stderr
 
 
 def test_when_triggers_stay_conditional_and_their_followers_wait(tmp_path):

@@ -29,6 +29,7 @@ __all__ = ["ACTIONS", "COMPONENTS", "NODE_COMPONENTS", "Action", "ActionBase", "
            "ClusterSpec", "TrafficSpec", "Balance", "Rules", "Check", "Assertion", "Scenario", "TRAFFIC_CHECKS",
            "CLUSTER_CHECKS", "default_cluster_name"]
 
+
 class ClusterSpec(Strict):
     """The cluster to run on: `svclab up --config`'s settings (testbed/cluster/config.py checks
     their values), plus proxyMode: one mode, or a list to run the scenario once per mode."""

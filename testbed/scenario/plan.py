@@ -174,3 +174,9 @@ def resolve_timeline(scenario, rng: random.Random | None = None) -> list[Planned
                                   waits_from=position - 1 if position else None, draw=draw)
         planned.append(entry)
     return sorted(planned, key=lambda p: (p.at is None, p.at or 0.0, p.position))
+
+
+def traffic_seeds(scenario) -> dict[str, int]:
+    """A seed per traffic generator (for randomness of its own), made from the scenario's seed
+    and the generator's name alone: the same whatever the timeline and the other generators."""
+    return {t.name: random.Random(f"{scenario.seed}/traffic/{t.name}").getrandbits(32) for t in scenario.traffic}
