@@ -312,7 +312,9 @@ class Loss(LinkAction):
     percent: Percent
 
 
-class Bandwidth(LinkAction):
+class BandwidthLimit(LinkAction):
+    """Limit the target's link to rate (tbf). Named apart from units.Bandwidth, the value it takes."""
+
     kind = "bandwidth"
     action: Literal["bandwidth"]
     rate: BandwidthValue
@@ -353,7 +355,7 @@ class DnsError(ActionBase):
 ACTION_MODELS: tuple[type[ActionBase], ...] = (
     Apply, Delete, Scale, Rollout, PodDelete, PodKill,
     NodeCrash, NodeRecover, NodeFreeze, NodeThaw, ComponentKill, ComponentStop, ComponentStart,
-    LinkDown, LinkUp, LinkFlap, Partition, Heal, Loss, Bandwidth, Delay, FlushRules, FlushConntrack, DnsError,
+    LinkDown, LinkUp, LinkFlap, Partition, Heal, Loss, BandwidthLimit, Delay, FlushRules, FlushConntrack, DnsError,
 )
 #: action kind -> its model
 ACTIONS: dict[str, type[ActionBase]] = {m.kind: m for m in ACTION_MODELS}
