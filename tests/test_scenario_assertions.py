@@ -18,11 +18,11 @@ import pytest
 from testbed.proxy.metrics import ProxyMetrics
 from testbed.cluster.proxy_readback import ENDPOINT_CHANGES, LAST_SYNC, parse_metrics
 from testbed.scenario import assertions as A
-from testbed.scenario.assertions import Expect
 from testbed.scenario.convergence import Convergence, converged_within, rules_mention, rules_result, watch_convergence
 from testbed.scenario.records import Record, RecordTail, Window, load_records
 from testbed.scenario.report import ActionRecord, GeneratorResult, Report, RunResult, write_report
 from testbed.scenario.traffic import GeneratorSpec, GeneratorSummary
+from testbed.scenario.units import Comparison
 
 pytestmark = pytest.mark.unit
 
@@ -46,9 +46,9 @@ def steady(n: int, every: float = 0.1, start: float = 0.0, pods: tuple[str, ...]
 def test_empty_windows_fail_for_every_kind():
     records = steady(30)
     results = [
-        A.success_rate("s", "g", records, EMPTY, Expect(">=", 0.0)),
+        A.success_rate("s", "g", records, EMPTY, Comparison.parse(">= 0.0")),
         A.max_consecutive_failures("m", "g", records, EMPTY, 100),
-        A.latency_p99("l", "g", records, EMPTY, Expect("<=", 10.0)),
+        A.latency_p99("l", "g", records, EMPTY, Comparison.parse("<= 10.0")),
         A.balance("b", "g", records, EMPTY, tolerance=1.0),
         A.client_ip("c", "g", records, EMPTY, "masqueraded"),
         A.failover_within("f", "g", records, EMPTY, 100.0),
@@ -62,13 +62,14 @@ def test_empty_windows_fail_for_every_kind():
 
 def test_success_rate():
     records = steady(99) + [fail(9.95)]
-    held = A.success_rate("good", "web", records, ALL, Expect(">=", 0.99))
+    held = A.success_rate("good", "web", records, ALL, Comparison.parse(">= 0.99"))
     assert held.passed and held.value == 0.99 and held.measured == "0.9900 (99/100 ok; 1 timeout)"
-    broken = A.success_rate("good", "web", steady(98) + [fail(9.9), fail(9.95, "refused")], ALL, Expect(">=", 0.99))
+    broken = A.success_rate("good", "web", steady(98) + [fail(9.9), fail(9.95, "refused")], ALL,
+                            Comparison.parse(">= 0.99"))
     assert not broken.passed and "1 refused, 1 timeout" in broken.measured
     assert "expected >= 0.99, measured 0.9800" in broken.message and "[start, end]" in broken.message
     # only the window counts: the failures after 9.9 s are outside [0, 5]
-    assert A.success_rate("w", "web", records, Window(0, 5), Expect(">=", 1.0)).passed
+    assert A.success_rate("w", "web", records, Window(0, 5), Comparison.parse(">= 1.0")).passed
 
 
 def test_max_consecutive_failures():
@@ -81,10 +82,10 @@ def test_max_consecutive_failures():
 
 def test_latency_p99():
     records = [ok(i * 0.01, latency=float(i + 1)) for i in range(100)] + [fail(1.5)]  # 1..100 ms; the timeout is left out
-    held = A.latency_p99("p99", "web", records, ALL, Expect("<=", 0.1, "<= 100ms"))
+    held = A.latency_p99("p99", "web", records, ALL, Comparison.parse("<= 100ms"))
     assert held.passed and held.value == pytest.approx(0.099) and held.measured.startswith("99.0ms")
-    assert not A.latency_p99("p99", "web", records, ALL, Expect("<=", 0.05)).passed
-    assert not A.latency_p99("p99", "web", [fail(1)], ALL, Expect("<=", 10.0)).passed  # no successful request
+    assert not A.latency_p99("p99", "web", records, ALL, Comparison.parse("<= 0.05")).passed
+    assert not A.latency_p99("p99", "web", [fail(1)], ALL, Comparison.parse("<= 10s")).passed  # nothing succeeded
 
 
 def test_chi_square_tail_matches_published_critical_values():
@@ -100,14 +101,19 @@ def test_balance_chi_square_and_tolerance():
     assert held.passed and held.value == pytest.approx(1.0) and "p1 100, p2 100, p3 100" in held.measured
     skewed = steady(100, pods=("p1",)) + steady(20, pods=("p2",)) + steady(20, pods=("p3",))
     assert not A.balance("skewed", "web", skewed, ALL).passed
-    assert not A.balance("skewed", "web", skewed, ALL, significance=0.05).passed
+    assert not A.balance("skewed", "web", skewed, ALL, p_value=0.05).passed
     near = steady(100, pods=("p1",)) + steady(110, pods=("p2",)) + steady(90, pods=("p3",))
     assert A.balance("tol", "web", near, ALL, tolerance=0.25).passed
     assert not A.balance("tol", "web", near, ALL, tolerance=0.05).passed
     # a pod that should answer but never did is the worst imbalance
     assert not A.balance("missing", "web", steady(200, pods=("p1", "p2")), ALL, pods=["p1", "p2", "p3"]).passed
     single = A.balance("one", "web", steady(50, pods=("p1",)), ALL)
-    assert not single.passed and "only one pod" in single.measured
+    assert not single.passed and single.measured == "1 pods answered (p1 50)"
+    # pods: N: so many must answer; the missing count 0, one too many fails
+    assert A.balance("three", "web", even, ALL, pod_count=3).passed
+    short = A.balance("four", "web", even, ALL, pod_count=4, tolerance=0.5)
+    assert not short.passed and "(missing 1) 0" in short.measured and short.expected.endswith("over 4 pods")
+    assert not A.balance("two", "web", even, ALL, pod_count=2).passed
 
 
 def test_client_ip_preserved_or_masqueraded():
@@ -146,13 +152,6 @@ def test_no_traffic_to():
     assert not A.no_traffic_to("gone", "web", records, ALL, {"p3", "p9"}).passed
 
 
-def test_expect_comparisons():
-    assert Expect(">=", 0.99).holds(0.99) and not Expect(">", 0.99).holds(0.99)
-    assert Expect("<=", 0.2).holds(0.2) and Expect("!=", 1).holds(0) and str(Expect("<=", 0.2, "<= 200ms")) == "<= 200ms"
-    with pytest.raises(ValueError):
-        Expect("=~", 1)
-
-
 # ------------------------------------------------------------------ convergence (pure parts)
 
 IPTABLES_DUMP = """*nat
@@ -177,6 +176,7 @@ def test_rules_mention_endpoints_in_both_formats():
     assert not rules_mention(IPTABLES_DUMP, "0.244.1.5:8080")
     assert rules_mention(NFT_DUMP, "10.244.2.7:8080") and rules_mention(NFT_DUMP, "10.244.3.10:8080")
     assert not rules_mention(NFT_DUMP, "10.244.3.1:8080")
+    assert rules_mention(NFT_DUMP, "10.244.3.9") and not rules_mention(NFT_DUMP, "10.244.3.1")  # an address alone
 
 
 def test_rules_result():
@@ -243,10 +243,11 @@ def sample_report() -> Report:
     summary = GeneratorSummary("web", 10, 200, 183, 9.15, 3, 12.5, {"ok": 180, "timeout": 1, "refused": 1, "reset": 1},
                                183, 4, 26, False)
     window = Window(10, 20, "[crash, end]")
-    results = [A.success_rate("all good", "web", records, Window(0, 10, "[start, crash]"), Expect(">=", 1.0)),
+    results = [A.success_rate("all good", "web", records, Window(0, 10, "[start, crash]"),
+                              Comparison.parse(">= 1.0")),
                A.failover_within("failover", "web", records, window, 2.0),
                A.no_traffic_to("p3 gone", "web", records, Window(12, 20), "p3"),
-               A.success_rate("after", "web", records, window, Expect(">=", 0.999))]
+               A.success_rate("after", "web", records, window, Comparison.parse(">= 0.999"))]
     actions = [ActionRecord("crash", "node-crash", 10.0, {"node": "node2"}),
                ActionRecord("recover", "node-recover", 15.0, {"node": "node2"}, ok=False, error="no such node")]
     runs = [RunResult(mode, {"nodes": 3, "kubeProxy": {"mode": mode}}, 1_800_000_000.0 + i, 20.0,

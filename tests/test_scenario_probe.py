@@ -173,6 +173,26 @@ def test_outcomes_refused_timeout_reset_http_error(tmp_path, loop):
     loop.call(http503.close)
 
 
+def test_a_kept_bare_tcp_connection_is_checked_open_and_reopened_when_closed(tmp_path):
+    listener = silent_listener()
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    spec = GeneratorSpec("tcp", "", f"{LOOP}:{port}", protocol="tcp", rate=20, stop=2, connections="keepalive")
+    generator = Generator(spec, time.monotonic() + 0.3, tmp_path)
+    generator.start()
+    generator.wait_ready()
+    accepted, _ = listener.accept()
+    time.sleep(1.0)
+    accepted.close()  # the server side goes away: FIN
+    summary = generator.wait()
+    records = generator.records()
+    failed = [r for r in records if not r.ok]
+    assert len(failed) == 1 and failed[0].outcome == "reset" and failed[0].conn == 1, records
+    assert all(r.ok and r.conn == 2 for r in records if r.t > failed[0].t) and summary.connections_opened == 2
+    assert summary.outcomes["ok"] == 39
+    listener.close()
+
+
 def test_achieved_rate_is_the_asked_one_or_reported_lower(tmp_path, loop):
     port = free_port()
     server = builtin(loop, port)
@@ -260,7 +280,6 @@ def test_generator_spec_refuses_what_cannot_run():
     for bad, message in ((dict(protocol="sctp"), "protocol 'sctp'"), (dict(connections="pooled"), "connections"),
                          (dict(rate=0), "rate"), (dict(start=5, stop=5), "start"),
                          (dict(target="10.0.0.1:80", protocol="http"), "needs protocol tcp or udp"),
-                         (dict(target="10.0.0.1:80", protocol="tcp", connections="keepalive"), "bare connect"),
                          (dict(target="10.0.0.1", protocol="udp"), "expected host:port")):
         args = dict(name="g", netns="", target="http://x/", rate=10, stop=10) | bad
         with pytest.raises(ValueError, match=message):

@@ -18,9 +18,9 @@ from testbed.cluster.proxy_readback import NodeProxy
 from testbed.scenario import assertions as A
 from testbed.scenario.convergence import (change_applied, converged_within, rules_match, rules_result, synced_since,
                                           watch_convergence)
-from testbed.scenario.assertions import Expect
 from testbed.scenario.records import Record, Window
 from testbed.scenario.traffic import GeneratorSpec, GeneratorSummary, Traffic
+from testbed.scenario.units import Comparison
 from tests.lb_lab import CLIENT, NODES, apply, curl, get_json, lab, ready_pods, web  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cluster
@@ -88,7 +88,7 @@ def test_client_to_a_node_port_and_to_the_external_ip(lab, extras, tmp_path):
     for name in ("nodeport", "external"):
         summary = summaries[name]
         assert summary.sent == 60 and summary.rate_kept and abs(summary.achieved_rate - 20) <= 1, summary
-        results = [A.success_rate("all ok", name, records[name], window, Expect(">=", 1.0)),
+        results = [A.success_rate("all ok", name, records[name], window, Comparison.parse(">= 1.0")),
                    A.balance("spread", name, records[name], window, pods=pods),
                    A.client_ip("masqueraded", name, records[name], window, "masqueraded")]  # Cluster policy
         assert all(r.passed for r in results), [r.message for r in results]

@@ -8,49 +8,20 @@ offsets) and returns an AssertionResult naming what was expected, what was measu
 over which window. A window with no request in it fails, saying so: an assertion over
 nothing never passes.
 
-Expected values are comparisons (`op`, `value`, `holds(measured)`, `str()`): Expect
-below, or the scenario model's units.Comparison, which has the same shape. Durations are
-in seconds, as the scenario model gives them.
+Expected values are the scenario model's comparisons (units.Comparison: `">= 0.99"`,
+`"<= 200ms"`); durations are in seconds, as the model gives them.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
-from typing import Collection, Iterable, Protocol
+from typing import Collection, Iterable
 
 from testbed.scenario.records import Record, Window, answers_by_pod, host_of, in_window, outcome_counts
+from testbed.scenario.units import Comparison
 
 DEFAULT_SIGNIFICANCE = 0.001
-_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
-        "!=": operator.ne}
-
-
-class Comparison(Protocol):
-    op: str
-    value: float
-
-    def holds(self, measured: float) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Expect:
-    """A comparison such as `>= 0.99` (`Expect(">=", 0.99)`); a duration's value is in seconds."""
-
-    op: str
-    value: float
-    text: str = ""
-
-    def __post_init__(self) -> None:
-        if self.op not in _OPS:
-            raise ValueError(f"unknown comparison {self.op!r}: use one of {', '.join(_OPS)}")
-
-    def holds(self, measured: float) -> bool:
-        return _OPS[self.op](measured, self.value)
-
-    def __str__(self) -> str:
-        return self.text or f"{self.op} {self.value:g}"
 
 
 @dataclass(frozen=True)
@@ -158,23 +129,36 @@ def chi_square_sf(statistic: float, dof: int) -> float:
     return min(1.0, tail)
 
 
-def balance(name: str, generator: str, records: list[Record], window: Window, *,
-            significance: float | None = None, tolerance: float | None = None,
-            pods: Collection[str] = ()) -> AssertionResult:
-    """Successful answers spread evenly over the answering pods (and over `pods`, if given, which
-    counts a pod that never answered as 0): a chi-square test of uniformity at `significance`
-    (passes when p >= significance; default 0.001), or, with `tolerance`, every pod's count
-    within that relative deviation of the mean."""
+def _balance_counts(records: list[Record], window: Window, pods: Collection[str],
+                    pod_count: int | None) -> dict[str, int]:
+    """Answers per pod; a pod of `pods` that never answered counts 0, and so do the pods short of
+    `pod_count` ("(missing 1)", ...)."""
     counts = answers_by_pod(in_window(records, window))
     counts.update({pod: 0 for pod in pods if pod not in counts})
+    for i in range(1, (pod_count or 0) - len(counts) + 1):
+        counts[f"(missing {i})"] = 0
+    return counts
+
+
+def balance(name: str, generator: str, records: list[Record], window: Window, *,
+            p_value: float | None = None, tolerance: float | None = None,
+            pods: Collection[str] = (), pod_count: int | None = None) -> AssertionResult:
+    """Successful answers spread evenly over the pods: a chi-square test of evenness whose p-value
+    must be at least `p_value` (default 0.001), or, with `tolerance`, every pod's count within
+    that fraction of the mean (0.25: 1/n of the answers +- 25 %). Over the pods that answered,
+    plus those of `pods` (names) that did not, or exactly `pod_count` pods (missing ones count 0;
+    more than that fails)."""
+    counts = _balance_counts(records, window, pods, pod_count)
     shown = ", ".join(f"{pod} {n}" for pod, n in sorted(counts.items()))
     expected = (f"every pod within {tolerance:.0%} of the mean" if tolerance is not None
-                else f"chi-square p >= {significance or DEFAULT_SIGNIFICANCE:g}")
+                else f"chi-square p >= {p_value or DEFAULT_SIGNIFICANCE:g}")
+    if pod_count:
+        expected += f" over {pod_count} pods"
     total = sum(counts.values())
     if total == 0:
         return _empty(name, "balance", generator, expected, window, "answers")
-    if len(counts) < 2:
-        return AssertionResult(name, "balance", generator, expected, f"only one pod answered ({shown})", False,
+    if len(counts) < 2 or (pod_count and len(counts) > pod_count):
+        return AssertionResult(name, "balance", generator, expected, f"{len(counts)} pods answered ({shown})", False,
                                window.text)
     mean = total / len(counts)
     if tolerance is not None:
@@ -185,7 +169,7 @@ def balance(name: str, generator: str, records: list[Record], window: Window, *,
     p = chi_square_sf(statistic, len(counts) - 1)
     return AssertionResult(name, "balance", generator, expected,
                            f"p = {p:.3g} (chi-square {statistic:.2f}, {len(counts) - 1} dof; {shown})",
-                           p >= (significance or DEFAULT_SIGNIFICANCE), window.text, p)
+                           p >= (p_value or DEFAULT_SIGNIFICANCE), window.text, p)
 
 
 def client_ip(name: str, generator: str, records: list[Record], window: Window, expected: str) -> AssertionResult:

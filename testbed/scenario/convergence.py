@@ -67,9 +67,11 @@ def synced_since(proxies: Mapping[str, NodeProxy], wall_time: float) -> Check:
 
 
 def rules_mention(rules: str, endpoint: str) -> bool:
-    """Does a rules dump send traffic to endpoint "ip:port"? iptables `--to-destination ip:port`,
-    nftables `dnat to ip:port` or a map element `ip . port`."""
-    ip, _, port = endpoint.rpartition(":")
+    """Does a rules dump send traffic to endpoint "ip:port" (iptables `--to-destination ip:port`,
+    nftables `dnat to ip:port` or a map element `ip . port`), or mention address "ip" at all?"""
+    ip, sep, port = endpoint.rpartition(":")
+    if not sep:
+        return re.search(rf"(?<![\d.]){re.escape(endpoint)}(?![\d])", rules) is not None
     ip_re, port_re = re.escape(ip), re.escape(port)
     return re.search(rf"(?<![\d.]){ip_re}(:{port_re}| \. {port_re})(?!\d)", rules) is not None
 

@@ -59,8 +59,6 @@ class GeneratorSpec:
             problems.append(f"protocol {self.protocol!r}: use one of {', '.join(PROTOCOLS)}")
         if self.connections not in CONNECTIONS:
             problems.append(f"connections {self.connections!r}: use new or keepalive")
-        if self.protocol == "tcp" and self.connections == "keepalive":
-            problems.append("protocol tcp is a bare connect: connections must be new")
         if not self.rate > 0 or not math.isfinite(self.rate):
             problems.append(f"rate {self.rate!r}: must be > 0")
         if not self.timeout > 0:

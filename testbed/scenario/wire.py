@@ -2,8 +2,9 @@
 
 Three protocols: `http` (GET over TCP; the built-in pod server answers JSON naming the
 pod, its node and the client address it saw), `tcp` (a bare connect: ok once the
-handshake completes) and `udp` (one datagram, one answer; the built-in server answers
-with the same JSON). A Connection is opened per request (`new`) or kept and reused
+handshake completes; kept, each request checks that the connection is still open, sending
+nothing) and `udp` (one datagram, one answer; the built-in server answers with the same
+JSON). A Connection is opened per request (`new`) or kept and reused
 (`keepalive`, probe.py's pool). Standard library only: this runs in the probe process,
 inside the source's network namespace.
 
@@ -131,8 +132,10 @@ class TcpConnection(Connection):
         self.source = f"{local[0]}:{local[1]}" if local else ""
 
     async def exchange(self, target: Target, keep: bool, phase: Phase) -> dict[str, str]:
-        if target.protocol == "tcp":
-            return {}  # the handshake was the request
+        if target.protocol == "tcp":  # nothing is sent: the handshake was the request, or, kept, the connection
+            if keep and (self.reader.exception() or self.reader.at_eof() or self.writer.is_closing()):
+                raise self.reader.exception() or RequestFailed("reset", "connection closed by the peer")
+            return {}
         phase.name = "send"
         self.writer.write((f"GET {target.path} HTTP/1.1\r\nHost: {target.host}\r\nUser-Agent: svclab-probe\r\n"
                            f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n").encode())
