@@ -32,7 +32,7 @@ from testbed.paths import StateDir
 from testbed.cluster import cloud_lb
 from tests.conftest import REPO
 from testbed.cluster.topo import Names
-from tests.test_cluster import LabCluster, cluster_name, leftovers
+from tests.test_cluster import LabCluster, cluster_name, down_and_check
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
 CLIENT = "203.0.113.2"
@@ -49,12 +49,10 @@ def lab(tmp_path_factory):
         cluster.up("--config", str(config))
         yield cluster
     finally:
-        cluster.svclab("down", timeout=120)
-        assert not leftovers(cluster.name, cluster.state), leftovers(cluster.name, cluster.state)
+        down_and_check(cluster)
         zone = Names(cluster.name, 0).ct_zone  # `down` flushed the cluster's conntrack zone
         left = subprocess.run(["ovs-appctl", "dpctl/dump-conntrack", f"zone={zone}"], capture_output=True, text=True)
         assert not left.stdout.strip(), left.stdout
-        assert not subprocess.run(["pgrep", "-af", f"{cluster.state}"], capture_output=True, text=True).stdout
 
 
 # ---------------------------------------------------------------- helpers
