@@ -30,7 +30,7 @@ from testbed.client.client import ApiClient
 from testbed.cloud.lb_table import Port
 from testbed.paths import StateDir
 from testbed.cluster import cloud_lb
-from tests.conftest import REPO
+from tests.conftest import REPO, update_with_retry
 from testbed.cluster.topo import Names
 from tests.test_cluster import LabCluster, cluster_name, down_and_check
 
@@ -199,11 +199,8 @@ def set_port(lab: LabCluster, node: str, state: str) -> None:
 
 def cordon(lab: LabCluster, node: str, unschedulable: bool) -> None:
     async def change() -> None:
-        state = StateDir(lab.state)
-        async with ApiClient(state.api_address, state.read_token()) as client:
-            obj = await client.get("Node", node)
-            obj.spec.unschedulable = unschedulable
-            await client.update(obj)
+        async with ApiClient.for_state_dir(StateDir(lab.state)) as client:
+            await update_with_retry(client, "Node", node, lambda obj: setattr(obj.spec, "unschedulable", unschedulable))
     asyncio.run(change())
 
 

@@ -32,7 +32,7 @@ import pytest
 from testbed.api.errors import Conflict, NotFound
 from testbed.api.meta import now_rfc3339, parse_rfc3339
 from tests.builders import deployment, node, service
-from tests.conftest import run
+from tests.conftest import run, update_with_retry
 
 pytestmark = pytest.mark.unit
 
@@ -90,19 +90,6 @@ class NodeAgents:
                 return
             await asyncio.sleep(0.2)
         raise AssertionError(f"condition not met within {timeout}s")
-
-
-async def update_with_retry(c, kind: str, name: str, change) -> None:
-    """Read-modify-write that retries on Conflict (the controllers write the same objects)."""
-    for _ in range(20):
-        obj = await c.get(kind, name)
-        change(obj)
-        try:
-            await c.update(obj)
-            return
-        except Conflict:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{kind} {name} kept conflicting")
 
 
 async def active_pods(c, label="app=web"):
