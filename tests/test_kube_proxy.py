@@ -187,8 +187,10 @@ def test_udp_service(lab):
 
 def test_rules_show_upstream_chains_annotated(lab):
     apply(lab, (SEED / "service-nodeport.yaml").read_text())
-    time.sleep(0.5)
-    r = lab.svclab("rules", "node1", check=True)
+    deadline = time.monotonic() + 10
+    while "default/frontend-service" not in (r := lab.svclab("rules", "node1", check=True)).stdout:
+        assert time.monotonic() < deadline, r.stdout  # node1's rules follow the API within min-sync-period
+        time.sleep(0.2)
     if lab.mode == "iptables":
         assert "-A KUBE-SERVICES" in r.stdout and ":KUBE-NODEPORTS" in r.stdout
         svc_lines = [l for l in r.stdout.splitlines() if l.startswith(":KUBE-SVC-")]
@@ -569,11 +571,13 @@ def test_udp_flows_toward_a_removed_endpoint_are_deleted(lab, tmp_path):
     deletes the entry, so its next datagram reaches another endpoint instead of a dead one."""
     udp_echo(lab, "udp2", "echo2")
     deadline = time.monotonic() + 30
-    while sum(e["conditions"].get("ready", False) for s in lab.json("endpointslices", "-l",
-              "kubernetes.io/service-name=echo2")["items"] for e in s.get("endpoints", [])) < 2:
+    while len(ready := [a for s in lab.json("endpointslices", "-l", "kubernetes.io/service-name=echo2")["items"]
+                        for e in s.get("endpoints", []) if e["conditions"].get("ready") for a in e["addresses"]]) < 2:
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    time.sleep(0.5)
+    while missing := [a for a in ready if f"{a}:9000" not in rules_of(lab, 1)]:  # node1 sends to both
+        assert time.monotonic() < deadline, missing
+        time.sleep(0.2)
     ip = lab.json("svc", "echo2")["spec"]["clusterIP"]
     flag = tmp_path / "first"
     client = subprocess.Popen(
