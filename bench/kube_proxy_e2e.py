@@ -1,9 +1,14 @@
 """One endpoint change with 10,000 Services present, from the API write to the rules applied,
 through a real API server and a real kube-proxy process.
 
-    PYTHONPATH=. python -m bench.kube_proxy_e2e [--services 10000] [--changes 10] [--modes iptables,nftables]
+    PYTHONPATH=. python -m bench.kube_proxy_e2e [--services 10000] [--changes 10] [--repairs 3] [--modes iptables,nftables]
 
-Goals (kube-proxy issue): <= 500 ms in iptables mode, <= 100 ms in nftables mode.
+Goals (kube-proxy issue): <= 500 ms in iptables mode, <= 100 ms in nftables mode. Then
+--repairs times, rules flushed behind kube-proxy's back (iptables: KUBE-MARK-MASQ; nftables:
+mark-for-masquerade), timed from the flush to the monitor's full resync written: goal
+<= 1 s ("repaired within a second", docs/kube-proxy.md; a full sync at 10,000 Services takes
+longer than that, so the goal is for small clusters: --services 100). tests/test_kube_proxy.py
+checks the repair itself, with a deadline.
 bench/kube_proxy.py measures the backend's partial sync alone; this adds everything before it:
 the API server's write and watch delivery, the informer, the change tracker and the runner.
 
@@ -38,6 +43,9 @@ from testbed.manifests import object_of
 from testbed.paths import StateDir
 
 GOALS_MS = {"iptables": 500, "nftables": 100}
+GOAL_REPAIR_S = 1.0
+FLUSH = {"iptables": ["iptables", "-w", "-t", "nat", "-F", "KUBE-MARK-MASQ"],
+         "nftables": ["nft", "flush", "chain", "ip", "kube-proxy", "mark-for-masquerade"]}
 NODE = "node-a"
 
 
@@ -109,7 +117,7 @@ async def change(state: StateDir, i: int, serial: int) -> float:
         return t0
 
 
-def measure(mode: str, services: int, changes: int) -> dict:
+def measure(mode: str, services: int, changes: int, repairs: int = 0) -> dict:
     with apiserver_process() as state:
         t = time.perf_counter()
         asyncio.run(populate(state, services))
@@ -131,12 +139,21 @@ def measure(mode: str, services: int, changes: int) -> dict:
                 latencies = []
                 for k in range(changes):
                     before = metrics(ns)["kubeproxy_sync_proxy_rules_last_timestamp_seconds"]
-                    t0 = asyncio.run(change(state, 77 + 97 * k, k + 1))
+                    t0 = asyncio.run(change(state, (77 + 97 * k) % services, k + 1))
                     after = wait_metric(ns, "kubeproxy_sync_proxy_rules_last_timestamp_seconds", max(before, t0), 30,
                                         proc)
                     latencies.append((after["kubeproxy_sync_proxy_rules_last_timestamp_seconds"] - t0) * 1000)
                     print(f"  {mode} change {k + 1}: {latencies[-1]:.0f} ms", file=sys.stderr, flush=True)
                     time.sleep(1.5)
+                repaired = []
+                for k in range(repairs):
+                    before = metrics(ns)["kubeproxy_sync_full_proxy_rules_total"]
+                    t0 = time.time()
+                    subprocess.run(["ip", "netns", "exec", ns, *FLUSH[mode]], check=True, capture_output=True)
+                    after = wait_metric(ns, "kubeproxy_sync_full_proxy_rules_total", before, 60, proc)
+                    repaired.append(after["kubeproxy_sync_proxy_rules_last_timestamp_seconds"] - t0)
+                    print(f"  {mode} repair {k + 1}: {repaired[-1]:.2f} s", file=sys.stderr, flush=True)
+                    time.sleep(0.7)  # the flush lands anywhere in the monitor's 1 s period
             finally:
                 proc.terminate()
                 try:
@@ -145,18 +162,20 @@ def measure(mode: str, services: int, changes: int) -> dict:
                     proc.kill()
                     proc.wait(10)
     return {"mode": mode, "services": services, "populate_s": populate_s, "first_sync_s": first_sync_s,
-            "latencies_ms": latencies, "p50_ms": statistics.median(latencies), "max_ms": max(latencies)}
+            "latencies_ms": latencies, "p50_ms": statistics.median(latencies), "max_ms": max(latencies),
+            "repairs_s": repaired}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", type=int, default=10000)
     parser.add_argument("--changes", type=int, default=10)
+    parser.add_argument("--repairs", type=int, default=3, help="rules flushed and repaired, timed")
     parser.add_argument("--modes", default="iptables,nftables")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     load = os.getloadavg()
-    results = [measure(mode, args.services, args.changes) for mode in args.modes.split(",") if mode]
+    results = [measure(mode, args.services, args.changes, args.repairs) for mode in args.modes.split(",") if mode]
     table = print_table(
         f"\nOne endpoint change with {args.services:,} Services x {ENDPOINTS} endpoints, API write -> rules applied "
         f"({args.changes} changes, real API server and kube-proxy)",
@@ -164,6 +183,13 @@ def main() -> None:
         [[r["mode"], f"{r['p50_ms']:.0f}", f"{min(r['latencies_ms']):.0f}", f"{r['max_ms']:.0f}",
           f"<= {GOALS_MS[r['mode']]} ms: " + ("met" if r["p50_ms"] <= GOALS_MS[r["mode"]] else "MISSED"),
           f"{r['first_sync_s']:.1f}"] for r in results])
+    if args.repairs:
+        table += print_table(
+            f"\nRules flushed behind kube-proxy's back -> the monitor's full resync written ({args.repairs} times, "
+            f"{args.services:,} Services)", ["mode", "max s", "all s", "goal"],
+            [[r["mode"], f"{max(r['repairs_s']):.2f}", ", ".join(f"{x:.2f}" for x in r["repairs_s"]),
+              f"<= {GOAL_REPAIR_S:.0f} s: " + ("met" if max(r["repairs_s"]) <= GOAL_REPAIR_S else "MISSED")]
+             for r in results])
     print(f"load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)")
     if not args.no_record:
         RESULTS.mkdir(parents=True, exist_ok=True)

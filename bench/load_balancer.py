@@ -51,8 +51,12 @@ from pathlib import Path
 from bench.cluster import svclab, teardown
 from bench.common import REPO, RESULTS, print_table
 from controller import flows
+from testbed import naming
 from testbed.cloud.lb_table import Port
 from testbed.cluster import cloud_lb
+from testbed.scenario import assertions
+from testbed.scenario.records import Window
+from testbed.scenario.traffic import Generator, GeneratorSpec
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
 RATE = 20.0
@@ -149,32 +153,35 @@ class Lab:
             time.sleep(0.2)
         raise RuntimeError(f"{app}: pods not ready")
 
-    def load(self, url: str, duration: float) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", f"{self.name}-client", sys.executable, "-m", "bench.loadgen",
-                                 url, "--rate", str(RATE), "--duration", str(duration),
-                                 "--timeout", str(REQUEST_TIMEOUT)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    def load(self, url: str, duration: float) -> Generator:
+        """RATE new connections/s from the client to url (a scenario traffic generator), started now."""
+        spec = GeneratorSpec("load", naming.node_netns(self.name, "client"), url, rate=RATE, stop=duration,
+                             timeout=REQUEST_TIMEOUT, source="client")
+        generator = Generator(spec, time.monotonic() + 0.2, Path(tempfile.mkdtemp(prefix="load-", dir=self.root)))
+        generator.start()
+        generator.wait_ready()
+        return generator
 
 
 def failover_run(lab: Lab, ip: str) -> dict:
     lab.wait_backends(ip, set(NODES.values()))
     run = lab.load(f"http://{ip}/", duration=6)
     time.sleep(2.0)
-    crash = time.time()
+    crash = time.monotonic() - run.t0
     cloud_lb.node_port_state(lab.name, "node3", "down")
     try:
         detected = lab.wait_backends(ip, {NODES["node1"], NODES["node2"]}, timeout=10)
-        result = json.loads(run.communicate(timeout=60)[0])
+        run.wait()
     finally:
         cloud_lb.node_port_state(lab.name, "node3", "up")
-    requests = [dict(r, at=result["start"] + r["t"] - crash) for r in result["requests"]]
-    failed = [r for r in requests if not r["ok"]]
-    window = 0.0
-    if failed:
-        last = max(r["at"] for r in failed)
-        window = min((r["at"] for r in requests if r["ok"] and r["at"] > last), default=float("inf"))
+    requests = run.records()
+    failed = [r for r in requests if not r.ok]
+    # the scenario assertion's measure: crash -> first success after the last failure (0 when none failed)
+    failover = assertions.failover_within("failover", "load", requests, Window(crash, run.spec.stop), GOAL_WINDOW_S)
+    window = failover.value if failover.value is not None else float("inf")
     readded = lab.wait_backends(ip, set(NODES.values()), timeout=30)
-    return {"detected_s": detected, "window_s": max(0.0, window), "failed": len(failed), "requests": len(requests),
-            "failed_before_crash": sum(1 for r in failed if r["at"] < 0), "readded_s": readded}
+    return {"detected_s": detected, "window_s": window, "failed": len(failed), "requests": len(requests),
+            "failed_before_crash": sum(1 for r in failed if r.t < crash), "readded_s": readded}
 
 
 def bench_failover(lab: Lab, runs: int) -> dict:
@@ -202,11 +209,11 @@ def churn_run(lab: Lab, url: str, revision: str, pre_stop: int) -> dict:
     lab.apply(deployment("churn", 3, revision, pre_stop))  # a new template: a rolling update, pods replaced one by one
     lab.pods_ready("churn", 3, revision, timeout=60)
     rollout = time.monotonic() - t0
-    result = json.loads(run.communicate(timeout=120)[0])
-    failed = [r for r in result["requests"] if not r["ok"]]
-    return {"url": url, "rollout_s": rollout, "requests": len(result["requests"]), "failed": len(failed),
-            "failures": [(r["t"], r["detail"]) for r in failed],
-            "pods": len({r["detail"] for r in result["requests"] if r["ok"]})}
+    run.wait()
+    requests = run.records()
+    failed = [r for r in requests if not r.ok]
+    return {"url": url, "rollout_s": rollout, "requests": len(requests), "failed": len(failed),
+            "failures": [(r.t, r.outcome, r.error) for r in failed], "pods": len({r.pod for r in requests if r.ok})}
 
 
 def bench_churn(lab: Lab, pre_stop: int) -> dict:

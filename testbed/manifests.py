@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import yaml
 from google.protobuf.message import Message
@@ -56,12 +57,17 @@ def _name(source: str) -> str:
 
 def load_paths(sources: list[str], stdin: bytes | str | None = None, namespace: str = "") -> Manifest:
     """Every document of every file (or directory of .yaml files) given, or an error naming each bad one."""
+    return merge(lambda source=source: parse(read_source(source, stdin), _name(source), namespace)
+                 for source in _expand(sources))
+
+
+def merge(loaders: Iterable[Callable[[], Manifest]]) -> Manifest:
+    """What every loader returns, in order; ManifestInvalid listing every loader's problems."""
     manifest = Manifest()
     problems: list[str] = []
-    for source in _expand(sources):
+    for load in loaders:
         try:
-            text = read_source(source, stdin)
-            part = parse(text, _name(source), namespace)
+            part = load()
         except ManifestInvalid as exc:
             problems.append(str(exc))
             continue

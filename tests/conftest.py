@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.api.errors import Conflict
 from testbed.client.client import ApiClient
 from testbed.paths import StateDir
 
@@ -34,6 +35,20 @@ def pytest_collection_modifyitems(config, items):
 def run(coro):
     """Run one coroutine to completion (tests are plain functions)."""
     return asyncio.run(coro)
+
+
+async def update_with_retry(client: ApiClient, kind: str, name: str, change) -> None:
+    """Read-modify-write that retries on Conflict (controllers and kubelets write the same
+    objects: a Node's status heartbeat lands between a test's get and update)."""
+    for _ in range(20):
+        obj = await client.get(kind, name)
+        change(obj)
+        try:
+            await client.update(obj)
+            return
+        except Conflict:
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{kind} {name} kept conflicting")
 
 
 def svclab_command(*args: str) -> list[str]:

@@ -20,8 +20,9 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,10 +30,13 @@ from controller import flows
 from testbed.client.client import ApiClient
 from testbed.cloud.lb_table import Port
 from testbed.paths import StateDir
+from testbed import naming
 from testbed.cluster import cloud_lb
-from tests.conftest import REPO
+from testbed.scenario.records import Record
+from testbed.scenario.traffic import Generator, GeneratorSpec
+from tests.conftest import update_with_retry
 from testbed.cluster.topo import Names
-from tests.test_cluster import LabCluster, cluster_name, leftovers
+from tests.test_cluster import LabCluster, cluster_name, down_and_check
 
 NODES = {"node1": "172.18.0.2", "node2": "172.18.0.3", "node3": "172.18.0.4"}
 CLIENT = "203.0.113.2"
@@ -49,12 +53,10 @@ def lab(tmp_path_factory):
         cluster.up("--config", str(config))
         yield cluster
     finally:
-        cluster.svclab("down", timeout=120)
-        assert not leftovers(cluster.name, cluster.state), leftovers(cluster.name, cluster.state)
+        down_and_check(cluster)
         zone = Names(cluster.name, 0).ct_zone  # `down` flushed the cluster's conntrack zone
         left = subprocess.run(["ovs-appctl", "dpctl/dump-conntrack", f"zone={zone}"], capture_output=True, text=True)
         assert not left.stdout.strip(), left.stdout
-        assert not subprocess.run(["pgrep", "-af", f"{cluster.state}"], capture_output=True, text=True).stdout
 
 
 # ---------------------------------------------------------------- helpers
@@ -189,10 +191,21 @@ def get_json(lab: LabCluster, url: str, timeout: float = 10) -> dict:
         time.sleep(0.2)
 
 
-def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float = 1.0) -> subprocess.Popen:
-    return subprocess.Popen(["ip", "netns", "exec", f"{lab.name}-client", sys.executable, "-m", "bench.loadgen", url,
-                             "--rate", str(rate), "--duration", str(duration), "--timeout", str(timeout)],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+def load(lab: LabCluster, url: str, rate: float, duration: float, timeout: float = 1.0) -> Generator:
+    """New connections from the client to url at `rate` for `duration` s (a scenario traffic generator), started."""
+    spec = GeneratorSpec("load", naming.node_netns(lab.name, "client"), url, rate=rate, stop=duration,
+                         timeout=timeout, source="client")
+    generator = Generator(spec, time.monotonic() + 0.2, Path(tempfile.mkdtemp(prefix="load-", dir=lab.root)))
+    generator.start()
+    generator.wait_ready()
+    return generator
+
+
+def load_records(lab: LabCluster, url: str, rate: float, duration: float) -> list[Record]:
+    """load(), waited for: its requests."""
+    generator = load(lab, url, rate, duration)
+    generator.wait()
+    return generator.records()
 
 
 def set_port(lab: LabCluster, node: str, state: str) -> None:
@@ -201,11 +214,8 @@ def set_port(lab: LabCluster, node: str, state: str) -> None:
 
 def cordon(lab: LabCluster, node: str, unschedulable: bool) -> None:
     async def change() -> None:
-        state = StateDir(lab.state)
-        async with ApiClient(state.api_address, state.read_token()) as client:
-            obj = await client.get("Node", node)
-            obj.spec.unschedulable = unschedulable
-            await client.update(obj)
+        async with ApiClient.for_state_dir(StateDir(lab.state)) as client:
+            await update_with_retry(client, "Node", node, lambda obj: setattr(obj.spec, "unschedulable", unschedulable))
     asyncio.run(change())
 
 

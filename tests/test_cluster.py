@@ -56,38 +56,49 @@ class LabCluster:
         return self.root / self.name
 
 
-def netns_inodes(name: str) -> set[int]:
-    """The network namespaces of the cluster now (nodes, router, client, pods), by inode: a
-    process left in one is found after `down` even though the namespace has no name any more."""
-    out = set()
+def starttime(pid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def cluster_processes(name: str) -> dict[int, tuple[int, str]]:
+    """Every process inside one of the cluster's network namespaces now (nodes, router, client,
+    pods): pid -> (start time, argv). Taken while the cluster runs, it tells after `down` which
+    of them are still there, pod commands included (they run as `nobody` under their own argv).
+    By pid and start time, not by namespace inode: the kernel reuses those for other clusters'
+    namespaces as soon as ours are gone."""
+    inodes = set()
     if os.path.isdir("/run/netns"):
         for n in os.listdir("/run/netns"):
             if n.startswith(f"{name}-"):
                 try:
-                    out.add(os.stat(f"/run/netns/{n}").st_ino)
+                    inodes.add(os.stat(f"/run/netns/{n}").st_ino)
                 except OSError:
                     pass
-    return out
-
-
-def processes_in(inodes: set[int]) -> list[str]:
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    found = {}
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
         try:
             link = os.readlink(f"/proc/{pid}/ns/net")
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        if link.startswith("net:[") and int(link[5:-1]) in inodes:
-            found.append(f"{pid} {argv}")
+        started = starttime(pid)
+        if link.startswith("net:[") and int(link[5:-1]) in inodes and started is not None:
+            found[pid] = (started, argv)
     return found
 
 
-def leftovers(name: str, state: Path | None = None, inodes: set[int] = frozenset()) -> list[str]:
+def still_running(processes: dict[int, tuple[int, str]]) -> list[str]:
+    return [f"{pid} {argv}" for pid, (started, argv) in processes.items() if starttime(pid) == started]
+
+
+def leftovers(name: str, state: Path | None = None, processes: dict[int, tuple[int, str]] | None = None) -> list[str]:
     """What of cluster `name` is still on the machine: namespaces, bridges, interfaces, netns
     mounts, /etc/netns/<cluster>-pod-* (pods' resolv.conf), processes by name or state path,
-    and any process still inside one of `inodes` (netns_inodes() taken while it ran: pod
-    commands, which run as `nobody` under their own argv)."""
+    and those of `processes` (cluster_processes() taken while it ran) still running."""
     out = [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(f"{name}-")] if os.path.isdir("/run/netns") else []
     bridges = subprocess.run(["ovs-vsctl", "list-br"], capture_output=True, text=True).stdout.split()
     out += [f"bridge {b}" for b in bridges if b.startswith(f"{name}-")]
@@ -100,16 +111,16 @@ def leftovers(name: str, state: Path | None = None, inodes: set[int] = frozenset
     for pattern in [f"mininet:{name}-"] + ([str(state)] if state else []):
         procs = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
         out += [f"process {p}" for p in procs.splitlines() if "pgrep" not in p]
-    out += [f"process in the cluster's netns {p}" for p in processes_in(set(inodes))]
+    out += [f"process that ran in the cluster's namespaces {p}" for p in still_running(processes or {})]
     return out
 
 
 def down_and_check(cluster: "LabCluster") -> None:
     """`svclab down`, then what it left (before any `clean`, which would hide a leak of down's);
     if anything is left, clean it up anyway (other tests share the machine) and fail."""
-    inodes = netns_inodes(cluster.name)
+    processes = cluster_processes(cluster.name)
     cluster.svclab("down", timeout=120)
-    left = leftovers(cluster.name, cluster.state, inodes)
+    left = leftovers(cluster.name, cluster.state, processes)
     if left:
         cluster.svclab("clean", timeout=120)
     assert not left, left
@@ -327,8 +338,8 @@ def test_two_clusters_side_by_side_and_clean_after_kill_9(make_cluster):
     b.up("--nodes", "1", "-f", f"{SEED}/frontend-deployment.yaml")
     a.svclab("apply", "-f", "-", input=COMMAND_POD, check=True)  # a pod command: its own process, as nobody
     wait_running(a, "sleeper")
-    inodes = netns_inodes(a.name)
-    assert processes_in(inodes)
+    processes = cluster_processes(a.name)
+    assert any("sleep 600" in argv for _, argv in processes.values())
     table = json.loads((a.state / "processes.json").read_text())
     for name in ["up"] + [n for n in table if n != "up"]:  # the supervisor first: nothing restarts
         try:
@@ -336,11 +347,11 @@ def test_two_clusters_side_by_side_and_clean_after_kill_9(make_cluster):
         except (KeyError, ProcessLookupError):
             pass
     time.sleep(0.5)
-    assert any("sleep 600" in p for p in processes_in(inodes))  # the pod's command outlived its kubelet
-    assert leftovers(a.name, a.state, inodes)  # kill -9 left things behind ...
+    assert any("sleep 600" in p for p in still_running(processes))  # the pod's command outlived its kubelet
+    assert leftovers(a.name, a.state, processes)  # kill -9 left things behind ...
     r = a.svclab("clean", check=True)
     assert "removed" in r.stdout
-    left = leftovers(a.name, a.state, inodes)
+    left = leftovers(a.name, a.state, processes)
     assert not left, left  # ... and clean removed all of it, the pod's command too
     assert not a.state.exists()
     # the other cluster still works

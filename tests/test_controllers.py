@@ -12,11 +12,13 @@ machine without 101 namespaces. They run without root (the unit tier).
 The same controllers with the real kubelet (pods as namespaces, readiness probes, heartbeats
 from kubelet processes, real deletions) are tested end to end in tests/test_cluster.py:
 Deployment pods spread over nodes and serving (test_up_runs_the_seed_deployment_on_real_namespaces),
-a deleted pod replaced (test_deleted_pod_namespace_goes_...), readiness probes gating Ready,
-a node whose kubelet stops going NotReady and its pods leaving the endpoints, then garbage
-collection of its terminating pod and the Deployment's replacement on another node
-(test_node_failure_...), and a rolling update within maxSurge / maxUnavailable with the
-Service answering throughout (test_rollout_with_the_real_kubelet_...).
+a deleted pod replaced (test_deleted_pod_namespace_and_files_go_and_the_pod_is_replaced),
+readiness probes gating Ready (test_container_command_runs_unprivileged_and_readiness_probes_gate_ready),
+a node whose kubelet hangs going NotReady and its pods leaving the endpoints, then garbage
+collection of a terminating pod there and the Deployment's replacement on the other node
+(test_node_failure_takes_its_pods_out_of_the_endpoints_and_gc_finishes_their_deletion), and a
+rolling update within maxSurge / maxUnavailable replayed from a watch
+(test_rollout_with_the_real_kubelet_stays_within_max_surge_and_max_unavailable).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pytest
 from testbed.api.errors import Conflict, NotFound
 from testbed.api.meta import now_rfc3339, parse_rfc3339
 from tests.builders import deployment, node, service
-from tests.conftest import run
+from tests.conftest import run, update_with_retry
 
 pytestmark = pytest.mark.unit
 
@@ -88,19 +90,6 @@ class NodeAgents:
                 return
             await asyncio.sleep(0.2)
         raise AssertionError(f"condition not met within {timeout}s")
-
-
-async def update_with_retry(c, kind: str, name: str, change) -> None:
-    """Read-modify-write that retries on Conflict (the controllers write the same objects)."""
-    for _ in range(20):
-        obj = await c.get(kind, name)
-        change(obj)
-        try:
-            await c.update(obj)
-            return
-        except Conflict:
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{kind} {name} kept conflicting")
 
 
 async def active_pods(c, label="app=web"):

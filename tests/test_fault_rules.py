@@ -72,7 +72,7 @@ def test_rates_in_tc_units(text, bits):
     assert shaping.parse_rate(text) == bits
 
 
-@pytest.mark.parametrize("text", ["fast", "1 mbit", "", "1kbit", "100gbit", 5])
+@pytest.mark.parametrize("text", ["fast", "1 mbot", "", "1kbit", "100gbit", 5])
 def test_a_bad_rate_names_the_field(text):
     with pytest.raises(FaultError, match="^rate: "):
         shaping.parse_rate(text)

@@ -134,7 +134,7 @@ def test_bad_arguments_are_refused_naming_the_field_and_change_nothing(lab):
     cases = [
         (["loss", "node9", "30"], "target: unknown host 'node9'"),
         (["loss", "node1", "0"], "percent: must be a number above 0"),
-        (["bandwidth", "client", "fast"], "rate: invalid rate 'fast'"),
+        (["bandwidth", "client", "fast"], "rate: invalid bandwidth 'fast'"),
         (["partition", "client"], "groups: needs at least two groups"),
         (["partition", "client", "node1,client"], "groups[1][1]: client is in two groups"),
         (["partition", "client", "node1", "node2", "--direction", "one-way"], "groups: a one-way partition takes"),

@@ -198,15 +198,20 @@ def test_node_ipam_survives_a_node_that_raises(apiserver, controller_manager):
 
 
 def test_garbage_collector_survives_a_dependent_that_raises(apiserver, controller_manager):
+    """The faulty pod carries its fault from birth (its Deployment's template): annotated
+    later, the collector's cache could still hold it unannotated when the owner's deletion
+    arrives on the other watch, and collect it (a race this test lost in CI)."""
     async def scenario():
         async with apiserver.client() as c:
             await c.create(deployment("web", replicas=3))
+            bad = deployment("bad", replicas=1)
+            bad.spec.template.metadata.annotations[FAULT_ANNOTATION] = "handler-error:garbagecollector"
+            await c.create(bad)
             await wait_for(lambda: _count(c, "app=web", 3))
-            victim = (await active_pods(c))[0].metadata.name
-            await update_with_retry(c, "Pod", victim,
-                                    lambda p: p.metadata.annotations.__setitem__(FAULT_ANNOTATION,
-                                                                                 "handler-error:garbagecollector"))
+            await wait_for(lambda: _count(c, "app=bad", 1))
+            victim = (await active_pods(c, "app=bad"))[0].metadata.name
             await c.delete("Deployment", "web")
+            await c.delete("Deployment", "bad")
 
             async def only_victim_left():
                 return [p.metadata.name for p in (await c.list("Pod"))[0]] == [victim]

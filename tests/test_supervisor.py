@@ -15,6 +15,7 @@ import pytest
 from testbed.cluster.processes import ProcessTable
 from testbed.cluster.supervisor import (
     BACKOFF_FIRST, BACKOFF_MAX, BACKOFF_RESET_AFTER, RESTARTING, RUNNING, STOPPED, Supervisor, ask,
+    last_known_status,
 )
 
 pytestmark = pytest.mark.unit
@@ -166,3 +167,18 @@ def test_logs_are_bounded_and_rotated_while_the_component_keeps_writing(tmp_path
                          if line.startswith("flags:")), 8)
         assert flags & os.O_APPEND
     sup._stop(sup._components["apiserver"])
+
+
+def test_status_without_a_supervisor_reads_its_last_words_and_the_process_table(tmp_path):
+    sup = make(tmp_path)
+    proc = sup.start("apiserver", good_argv(tmp_path))
+    sup._components["apiserver"].restarts = 3  # as if it had come back three times
+    sup._changed()
+    try:
+        [entry] = last_known_status(sup.state_dir, ProcessTable(sup.state_dir))
+        assert set(entry) == set(status(sup, "apiserver"))  # the shape `svclab status` prints
+        assert (entry["name"], entry["state"], entry["pid"], entry["restarts"]) == ("apiserver", RUNNING, proc.pid, 3)
+    finally:
+        sup._stop(sup._components["apiserver"])
+    [entry] = last_known_status(sup.state_dir, ProcessTable(sup.state_dir))
+    assert (entry["state"], entry["pid"], entry["restarts"]) == (STOPPED, None, 3)

@@ -113,7 +113,15 @@ class ApiService:
         return await self._write_one(pb.WriteOp(delete=request), context)
 
     async def write(self, requests, context):
-        self._authorize(context)
+        try:
+            self._authorize(context)
+        except Unauthenticated:
+            # Read the client's first message before refusing: a stream ended before then
+            # races the client's write of it, which gRPC then reports as INTERNAL ("Internal
+            # error from Core") instead of this status (1 refusal in 15 here, on either socket).
+            async for _ in requests:
+                break
+            raise
         async for request in requests:
             yield pb.WriteBatchResponse(results=self.write_batch(list(request.ops)))
 

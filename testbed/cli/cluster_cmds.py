@@ -235,30 +235,24 @@ def _check_target_name(name: str) -> None:
 @pass_target
 def rules(target: Target, node: str) -> None:
     """Print what NODE's kube-proxy programmed (its backend's dump), Services annotated."""
-    from testbed.cluster.processes import ProcessTable
-    from testbed.node import podnet
+    from testbed.cluster.proxy_readback import NodeProxy
     from testbed.proxy import backends
     from testbed.proxy.annotate import annotate
+    from testbed.proxy.kernel import RulesFailed
 
     _check_target_name(node)
-    netns = naming.node_netns(target.name, node)
-    if not Path(naming.netns_path(netns)).exists():
+    proxy = NodeProxy(target.name, target.state.path, node)
+    if not proxy.exists():
         fail(f'no node "{node}" in cluster "{target.name}"')
-    recorded = ProcessTable(target.state.path).load().get(f"kube-proxy-{node}")
-    mode = (recorded.flag("--proxy-mode") if recorded else None) or "iptables"  # kube-proxy's default
+    mode = proxy.mode()
     try:
-        backend = backends.create(mode, backends.NodeSettings(node))
+        text = proxy.rules()
     except backends.Unsupported as exc:
         fail(str(exc))
+    except RulesFailed as exc:
+        fail(f"reading {node}'s {mode} rules failed: {exc}")
 
     async def services(client):
         return (await client.list("Service"))[0]
 
-    from testbed.proxy.kernel import RulesFailed
-    try:
-        with podnet.entered_netns(netns):  # the dump's commands run in the node's namespace
-            text = backend.dump()
-    except RulesFailed as exc:
-        fail(f"reading {node}'s {mode} rules failed: {exc}")
     click.echo(annotate(mode, text, run_with_client(target, services)), nl=False)
-

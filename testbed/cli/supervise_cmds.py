@@ -12,7 +12,7 @@ import click
 from testbed import naming
 from testbed.cli.common import Target, fail, pass_target
 from testbed.cluster.processes import ProcessTable, Recorded
-from testbed.cluster.supervisor import COMPONENTS, component_of
+from testbed.cluster.supervisor import COMPONENTS, last_known_status
 
 
 def _ask(target: Target, request: dict[str, Any]) -> dict[str, Any]:
@@ -56,22 +56,7 @@ def _components(target: Target) -> tuple[list[dict[str, Any]], str]:
         return answer["components"], "running"
     except (OSError, ValueError, KeyError):
         pass
-    table = ProcessTable(target.state.path).load()
-    try:
-        last = {c["name"]: c for c in json.loads((target.state.path / "supervisor.json").read_text())["components"]}
-    except (OSError, ValueError, KeyError):
-        last = {}
-    out = []
-    for name, recorded in table.items():
-        if name == "up":
-            continue
-        kind, node = component_of(name)
-        known = last.get(name, {})
-        alive = recorded.alive()
-        out.append({**known, "name": name, "component": kind, "node": node,
-                    "state": "RUNNING" if alive else "STOPPED", "pid": recorded.pid if alive else None,
-                    "restarts": known.get("restarts", 0), "uptime": None,
-                    "lastExit": known.get("lastExit", "")})
+    out = last_known_status(target.state.path, ProcessTable(target.state.path))
     return out, "not running (states read from the process table)"
 
 

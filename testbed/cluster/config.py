@@ -149,11 +149,9 @@ class ClusterConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ClusterConfig":
         values: dict[str, Any] = {}
-        known_top = {"name", "nodes", "networking", "kubeProxy", "nodeMonitorGracePeriod", "loadBalancer", "kind",
-                     "apiVersion"}
         for key in data:
-            if key not in known_top:
-                raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known_top))})")
+            if key not in TOP_KEYS:
+                raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(TOP_KEYS))})")
         for key in ("name", "nodes"):
             if key in data:
                 values[key] = data[key]
@@ -184,6 +182,9 @@ class ClusterConfig:
         return cls(**values)
 
 
+#: The file's top-level keys (kind and apiVersion are accepted and ignored, as kind's config has them).
+TOP_KEYS = frozenset({"name", "nodes", "networking", "kubeProxy", "nodeMonitorGracePeriod", "loadBalancer", "kind",
+                      "apiVersion"})
 #: loadBalancer.<key> -> (ClusterConfig field, is a duration)
 LB_KEYS = {
     "healthCheckInterval": ("lb_health_interval", True),

@@ -360,3 +360,27 @@ def ask(state_dir: Path, request: dict[str, Any], timeout: float = 30.0) -> dict
     if not answer:
         raise OSError("the supervisor closed the connection without an answer")
     return json.loads(answer)
+
+
+def last_known_status(state_dir: Path, processes: ProcessTable) -> list[dict[str, Any]]:
+    """Status entries, in `Supervised.status`'s shape, for a cluster whose supervisor is gone:
+    what it last wrote to supervisor.json, with liveness read from the process table."""
+    try:
+        written = json.loads((state_dir / "supervisor.json").read_text())["components"]
+        last = {c["name"]: c for c in written}
+    except (OSError, ValueError, KeyError, TypeError):
+        last = {}
+    entries = []
+    for name, recorded in processes.load().items():
+        if name == "up":
+            continue
+        kind, node = component_of(name)
+        alive = recorded.alive()
+        known = last.get(name, {})
+        entries.append({
+            "name": name, "component": kind, "node": node, "state": RUNNING if alive else STOPPED,
+            "pid": recorded.pid if alive else None, "restarts": known.get("restarts", 0), "uptime": None,
+            "lastExit": known.get("lastExit", ""), "lastError": known.get("lastError", []),
+            "nextStartIn": None,
+        })
+    return entries

@@ -7,7 +7,8 @@ masqueraded):
     {"pod": "frontend-7c9f6-x2kqp", "namespace": "default", "podIP": "10.244.1.5",
      "node": "node1", "client": "10.244.2.7:41234"}
 
-TCP ports answer HTTP/1.1 (any path); UDP ports answer each datagram with the
+TCP ports answer HTTP/1.1 (any path; connections persist as HTTP/1.1 says,
+so a client may send many requests on one); UDP ports answer each datagram with the
 same JSON. The kubelet hosts these servers itself: the sockets are opened
 inside the pod's network namespace and served from the kubelet's event loop,
 so a pod costs a few sockets, not a process.
@@ -68,6 +69,7 @@ class BuiltinServer:
         self.identity = identity
         self.ports = ports  # (protocol, port)
         self._closers: list[Callable[[], None]] = []
+        self._connections: set[asyncio.Transport] = set()  # established HTTP connections
 
     async def start(self, in_pod_netns: Callable[[], ContextManager]) -> None:
         """Open every port inside the pod (in_pod_netns() enters its namespace), then serve them here."""
@@ -77,7 +79,7 @@ class BuiltinServer:
         loop = asyncio.get_running_loop()
         for protocol, sock in sockets:
             if protocol == "TCP":
-                server = await simplehttp.serve(self._answer_http, sock=sock)
+                server = await simplehttp.serve(self._answer_http, sock=sock, connections=self._connections)
                 self._closers.append(server.close)
             else:
                 transport, _ = await loop.create_datagram_endpoint(lambda: _UdpEcho(self.identity), sock=sock)
@@ -87,6 +89,10 @@ class BuiltinServer:
         return 200, "application/json", self.identity.answer(client)
 
     def stop(self) -> None:
+        """Close the listeners and the established connections, as a process that exits would."""
         for close in self._closers:
             close()
         self._closers.clear()
+        for transport in list(self._connections):
+            transport.close()
+        self._connections.clear()
