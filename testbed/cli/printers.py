@@ -311,6 +311,11 @@ def _describe_pod(pod: pb.Pod) -> list[str]:
         lines.append(f"    Ports:      {ports or '<none>'}")
         if c.command:
             lines.append(f"    Command:    {' '.join(c.command)}")
+        lines += _container_state(pod, c.name)
+        for title, values in (("Limits", c.resources.limits), ("Requests", c.resources.requests)):
+            if values:
+                lines.append(f"    {title}:")
+                lines += [f"      {name + ':':<9} {values[name]}" for name in sorted(values)]
         probe = c.readiness_probe
         if probe.HasField("tcp_socket"):
             lines.append(f"    Readiness:  tcp-socket :{int_or_string(probe.tcp_socket.port)} period={probe.period_seconds}s")
@@ -321,6 +326,20 @@ def _describe_pod(pod: pb.Pod) -> list[str]:
             )
     lines += _conditions(pod.status.conditions)
     return lines
+
+
+def _container_state(pod: pb.Pod, name: str) -> list[str]:
+    """kubectl's State block: Running since, or Terminated with its reason and exit code."""
+    status = next((s for s in pod.status.container_statuses if s.name == name), None)
+    if status is None:
+        return []
+    if status.state.HasField("terminated"):
+        ended = status.state.terminated
+        return ["    State:      Terminated", f"      Reason:     {ended.reason}",
+                f"      Exit Code:  {ended.exit_code}", f"      Message:    {ended.message}"]
+    if status.state.HasField("running"):
+        return ["    State:      Running", f"      Started:    {status.state.running.started_at}"]
+    return []
 
 
 def _describe_deployment(d: pb.Deployment, pods: list[pb.Pod]) -> list[str]:

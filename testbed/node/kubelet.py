@@ -3,7 +3,7 @@
 It runs inside its node's network namespace. For each pod it makes a network
 namespace joined to the node's cni0 bridge (node/podnet.py), takes the next
 free address of the node's pod CIDR, starts the pod's workload (the built-in
-server, or the container's command as an unprivileged process), probes
+server, or the container's command in its sandbox: node/containers.py), probes
 readiness and writes the pod's status. It also routes every other node's pod
 CIDR via that node's address (host-gw: plain routing, no overlay, no NAT).
 """
@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from testbed.client.client import ApiClient
 from testbed.client.informer import Informer, WorkQueue, run_worker
 from testbed.component import run_component
 from testbed import fault, naming
-from testbed.node import podnet, routes
+from testbed.node import cgroups, containers, podnet, routes
 from testbed.node.dns import DNS_IMAGE, ClusterRecords, DnsServer
 from testbed.node.workload import BuiltinServer, PodIdentity
 
@@ -70,7 +69,7 @@ class RunningPod:
     netns: str
     ip: str
     server: BuiltinServer | DnsServer | None = None
-    process: subprocess.Popen | None = None
+    command: containers.CommandContainer | None = None
     probe_task: asyncio.Task | None = None
     ready: bool | None = None
     terminating: asyncio.Task | None = None  # deleted: preStop, then stop (_terminate)
@@ -107,6 +106,7 @@ class Kubelet:
         self._last_ip_index = -1
         self.dns_records: ClusterRecords | None = None  # started when this node runs a DNS pod
         self._waiting_for_ip: set[tuple[str, str]] = set()  # retried at once when a pod stops
+        self.cgroups: cgroups.Hierarchies | None = None  # found by run()
 
     # ------------------------------------------------------------ node
 
@@ -234,7 +234,9 @@ class Kubelet:
             identity = PodIdentity(pod.metadata.name, pod.metadata.namespace, ip, self.config.node_name)
             container = pod.spec.containers[0] if pod.spec.containers else pb.Container()
             if container.command:
-                running.process = self._spawn(netns, list(container.command) + list(container.args), pod)
+                running.command = containers.start(
+                    pod, container, netns, self.pods_dir / f"{netns}.log", containers.SandboxPaths(self.config.state_dir),
+                    self.cgroups, self.config.cluster, self.config.node_name)
             elif container.image == DNS_IMAGE:
                 if self.dns_records is None:
                     self.dns_records = ClusterRecords(self.client, self.config.cluster_domain)
@@ -268,19 +270,6 @@ class Kubelet:
             if self.bridge.port_ready(host_ifname) or asyncio.get_running_loop().time() > deadline:
                 return
             await asyncio.sleep(0.002)
-
-    def _spawn(self, netns: str, argv: list[str], pod: pb.Pod) -> subprocess.Popen:
-        """The container's command in the pod's namespace, unprivileged, with the pod's resolv.conf."""
-        log_path = self.pods_dir / f"{netns}.log"
-        with open(log_path, "ab") as out:
-            return subprocess.Popen(
-                ["ip", "netns", "exec", netns, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                 "--", *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
-                     "POD_NAME": pod.metadata.name, "POD_NAMESPACE": pod.metadata.namespace,
-                     "NODE_NAME": self.config.node_name},
-            )
 
     def _write_resolv_conf(self, pod: pb.Pod, netns: str) -> None:
         """/etc/netns/<ns>/resolv.conf: `ip netns exec` (and so `svclab exec`) binds it over /etc/resolv.conf."""
@@ -316,18 +305,27 @@ class Kubelet:
             running.probe_task.cancel()
         if running.server is not None:
             running.server.stop()
-        if running.process is not None and running.process.poll() is None:
-            os.killpg(running.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(running.process.wait), 5)
-            except asyncio.TimeoutError:
-                os.killpg(running.process.pid, signal.SIGKILL)
+        if running.command is not None:
+            await self._stop_command(running.command)
         self.bridge.remove_pod(running.netns, naming.pod_host_ifname(running.uid))
         shutil.rmtree(Path("/etc/netns") / running.netns, ignore_errors=True)
         self._mark(running.netns, create=False)
         await asyncio.to_thread(self._forget_neighbour, running.ip)
         for waiting in self._waiting_for_ip:  # its address is free: no need to wait for a back-off
             self.queue.add(waiting)
+
+    @staticmethod
+    async def _stop_command(command: containers.CommandContainer) -> None:
+        """SIGTERM (the sandbox forwards it to the command), SIGKILL after 5 s, then the cgroup goes."""
+        process = command.process
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(process.wait), 5)
+            except asyncio.TimeoutError:
+                os.killpg(process.pid, signal.SIGKILL)
+        if command.cgroup is not None:
+            await asyncio.to_thread(command.cgroup.remove)
 
     def _forget_neighbour(self, ip: str) -> None:
         """Drop the node's neighbour entry of a removed pod's address: it names the old pod's
@@ -352,7 +350,7 @@ class Kubelet:
     # ------------------------------------------------------------ readiness
 
     async def _probe(self, pod: pb.Pod, running: RunningPod) -> bool:
-        if running.process is not None and running.process.poll() is not None:
+        if running.command is not None and running.command.exited():
             return False
         checks = []
         for container in pod.spec.containers:
@@ -376,12 +374,15 @@ class Kubelet:
                 return
             period = min((c.readiness_probe.period_seconds for c in pod.spec.containers
                           if c.readiness_probe.period_seconds),
-                         default=1 if running.process is not None else BUILTIN_PROBE_PERIOD)
+                         default=1 if running.command is not None else BUILTIN_PROBE_PERIOD)
             await asyncio.sleep(READY_RETRY if not running.ready else period)
             ready = await self._probe(pod, running)
-            if running.process is not None and running.process.poll() is not None:
+            if running.command is not None and running.command.exited():
+                ended = running.command.termination()
+                log.info("pod %s/%s: %s (%s)", *key, ended.reason, ended.message)
                 await self._write_status(self.pods.get(*key) or pod, phase="Failed", ip=running.ip,
-                                         reason="Error", message=f"command exited {running.process.returncode}")
+                                         reason="OOMKilled" if ended.reason == "OOMKilled" else "Error",
+                                         message=ended.message, terminated=ended)
                 return
             current = self.pods.get(*key) or pod
             # Reconcile with the API, not only with what was last posted (upstream's status
@@ -392,10 +393,12 @@ class Kubelet:
                 await self._write_status(current, phase="Running", ip=running.ip, ready=ready)
 
     async def _write_status(self, pod: pb.Pod, phase: str, ip: str = "", ready: bool = False,
-                            reason: str = "", message: str = "") -> None:
+                            reason: str = "", message: str = "",
+                            terminated: pb.ContainerStateTerminated | None = None) -> None:
         update = copy_of(pod)
         status = update.status
         status.phase, status.reason, status.message = phase, reason, message
+        _set_container_statuses(update, ready and phase == "Running", terminated)
         status.host_ip = self.config.node_ip
         if ip:
             status.pod_ip = ip
@@ -442,6 +445,12 @@ class Kubelet:
             marker.unlink(missing_ok=True)
 
     async def run(self) -> None:
+        self.cgroups = cgroups.detect()
+        if self.cgroups is None:
+            log.warning("no writable cgroup hierarchy: command pods run without resource limits")
+        else:
+            log.info("pod cgroups: v%d, %s", self.cgroups.version,
+                     ", ".join(f"{c} under {p}" for c, p in sorted(self.cgroups.bases.items())))
         await self.register()
         tasks = [asyncio.create_task(i.run()) for i in (self.nodes, self.pods)]
         await self.nodes.synced.wait()
@@ -477,6 +486,18 @@ def _pod_addresses(cidr: ipaddress.IPv4Network) -> tuple[str, ...]:
     """The pod addresses of a node's CIDR (.1 is the gateway on cni0), made once: 253 address
     objects per pod started cost ~5 ms of a busy kubelet's time."""
     return tuple(str(host) for host in cidr.hosts())[1:]
+
+
+def _set_container_statuses(pod: pb.Pod, ready: bool, terminated: pb.ContainerStateTerminated | None) -> None:
+    """status.containerStatuses: running since the pod started, or how its command ended."""
+    started = pod.status.start_time or now_rfc3339()
+    del pod.status.container_statuses[:]
+    for container in pod.spec.containers:
+        status = pod.status.container_statuses.add(name=container.name, image=container.image, ready=ready)
+        if terminated is not None:
+            status.state.terminated.CopyFrom(terminated)
+        else:
+            status.state.running.started_at = started
 
 
 def _posted_ready(pod: pb.Pod) -> bool:

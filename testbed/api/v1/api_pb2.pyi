@@ -225,8 +225,30 @@ class Lifecycle(_message.Message):
     pre_stop: LifecycleHandler
     def __init__(self, pre_stop: _Optional[_Union[LifecycleHandler, _Mapping]] = ...) -> None: ...
 
+class ResourceRequirements(_message.Message):
+    __slots__ = ("limits", "requests")
+    class LimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class RequestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    limits: _containers.ScalarMap[str, str]
+    requests: _containers.ScalarMap[str, str]
+    def __init__(self, limits: _Optional[_Mapping[str, str]] = ..., requests: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class Container(_message.Message):
-    __slots__ = ("name", "image", "command", "args", "ports", "readiness_probe", "lifecycle")
+    __slots__ = ("name", "image", "command", "args", "ports", "readiness_probe", "lifecycle", "resources")
     NAME_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +256,7 @@ class Container(_message.Message):
     PORTS_FIELD_NUMBER: _ClassVar[int]
     READINESS_PROBE_FIELD_NUMBER: _ClassVar[int]
     LIFECYCLE_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -241,7 +264,8 @@ class Container(_message.Message):
     ports: _containers.RepeatedCompositeFieldContainer[ContainerPort]
     readiness_probe: Probe
     lifecycle: Lifecycle
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., args: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[ContainerPort, _Mapping]]] = ..., readiness_probe: _Optional[_Union[Probe, _Mapping]] = ..., lifecycle: _Optional[_Union[Lifecycle, _Mapping]] = ...) -> None: ...
+    resources: ResourceRequirements
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., args: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[ContainerPort, _Mapping]]] = ..., readiness_probe: _Optional[_Union[Probe, _Mapping]] = ..., lifecycle: _Optional[_Union[Lifecycle, _Mapping]] = ..., resources: _Optional[_Union[ResourceRequirements, _Mapping]] = ...) -> None: ...
 
 class PodSpec(_message.Message):
     __slots__ = ("node_name", "containers", "termination_grace_period_seconds")
@@ -253,8 +277,52 @@ class PodSpec(_message.Message):
     termination_grace_period_seconds: int
     def __init__(self, node_name: _Optional[str] = ..., containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ..., termination_grace_period_seconds: _Optional[int] = ...) -> None: ...
 
+class ContainerStateRunning(_message.Message):
+    __slots__ = ("started_at",)
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    started_at: str
+    def __init__(self, started_at: _Optional[str] = ...) -> None: ...
+
+class ContainerStateTerminated(_message.Message):
+    __slots__ = ("exit_code", "signal", "reason", "message", "started_at", "finished_at")
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    signal: int
+    reason: str
+    message: str
+    started_at: str
+    finished_at: str
+    def __init__(self, exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ...) -> None: ...
+
+class ContainerState(_message.Message):
+    __slots__ = ("running", "terminated")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TERMINATED_FIELD_NUMBER: _ClassVar[int]
+    running: ContainerStateRunning
+    terminated: ContainerStateTerminated
+    def __init__(self, running: _Optional[_Union[ContainerStateRunning, _Mapping]] = ..., terminated: _Optional[_Union[ContainerStateTerminated, _Mapping]] = ...) -> None: ...
+
+class ContainerStatus(_message.Message):
+    __slots__ = ("name", "image", "state", "ready", "restart_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    RESTART_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    image: str
+    state: ContainerState
+    ready: bool
+    restart_count: int
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., state: _Optional[_Union[ContainerState, _Mapping]] = ..., ready: _Optional[bool] = ..., restart_count: _Optional[int] = ...) -> None: ...
+
 class PodStatus(_message.Message):
-    __slots__ = ("phase", "pod_ip", "host_ip", "conditions", "start_time", "reason", "message")
+    __slots__ = ("phase", "pod_ip", "host_ip", "conditions", "start_time", "reason", "message", "container_statuses")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     POD_IP_FIELD_NUMBER: _ClassVar[int]
     HOST_IP_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +330,7 @@ class PodStatus(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_STATUSES_FIELD_NUMBER: _ClassVar[int]
     phase: str
     pod_ip: str
     host_ip: str
@@ -269,7 +338,8 @@ class PodStatus(_message.Message):
     start_time: str
     reason: str
     message: str
-    def __init__(self, phase: _Optional[str] = ..., pod_ip: _Optional[str] = ..., host_ip: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., start_time: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    container_statuses: _containers.RepeatedCompositeFieldContainer[ContainerStatus]
+    def __init__(self, phase: _Optional[str] = ..., pod_ip: _Optional[str] = ..., host_ip: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., start_time: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., container_statuses: _Optional[_Iterable[_Union[ContainerStatus, _Mapping]]] = ...) -> None: ...
 
 class Pod(_message.Message):
     __slots__ = ("metadata", "spec", "status")
