@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
+import grp
 import logging
+import marshal
 import os
 import pwd
-import grp
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -107,7 +107,7 @@ def start(pod: pb.Pod, container: pb.Container, netns: str, log_path: Path, path
     try:
         if cgroup is not None:
             cgroup.add(process.pid)
-        os.write(ready_write, json.dumps(config).encode())  # placed: the sandbox may go on
+        os.write(ready_write, marshal.dumps(config))  # placed: the sandbox may go on
     except OSError:
         process.kill()
         process.wait()

@@ -24,11 +24,10 @@ command, not the sandbox.
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: signal.py's enums cost 3.5 ms of a ~20 ms start
 import ctypes
-import json
+import marshal
 import os
-import signal
-import socket
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it, after the command dropped root (no access to /root)
 
@@ -53,6 +52,7 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
@@ -69,12 +69,13 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 def _read_config(ready_fd: int) -> dict:
     """Block until the kubelet placed this process in the pod's cgroups; it then writes the
-    configuration (JSON) and closes the pipe. Nothing read: the kubelet gave up on the pod."""
+    configuration (marshal: no import, unlike json's 6 ms) and closes the pipe. Nothing read:
+    the kubelet gave up on the pod."""
     with os.fdopen(ready_fd, "rb") as ready:
         data = ready.read()
     if not data:
         raise SystemExit("sandbox: the kubelet did not place the pod in its cgroups")
-    return json.loads(data)
+    return marshal.loads(data)
 
 
 def _enter_namespaces(config: dict) -> None:
@@ -84,7 +85,8 @@ def _enter_namespaces(config: dict) -> None:
     finally:
         os.close(fd)
     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP), "unshare")
-    socket.sethostname(config["hostname"][:HOSTNAME_MAX])
+    hostname = config["hostname"][:HOSTNAME_MAX].encode()
+    _check(_libc.sethostname(hostname, len(hostname)), "sethostname")
 
 
 def _set_up_mounts(config: dict) -> None:
