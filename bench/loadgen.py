@@ -4,12 +4,14 @@ Starts one request every 1/rate seconds (each on its own thread, so a hanging re
 never delays the next), each a new TCP connection bounded by --timeout, and prints one
 JSON object: the wall-clock start (time.time()) and per request its start (s after
 that), ok, latency (ms) and the answering pod (or the error). Runs wherever it is started (e.g. `ip netns exec <c>-client`).
+SIGTERM ends it early: it starts no more requests, waits for those under way and reports them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import threading
 import time
 import urllib.request
@@ -36,7 +38,11 @@ def run(url: str, rate: float, duration: float, timeout: float) -> dict:
                             "detail": detail})
 
     threads = []
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     for i in range(int(rate * duration)):
+        if stopped.is_set():
+            break
         start = i / rate
         time.sleep(max(0.0, t0 + start - time.monotonic()))
         thread = threading.Thread(target=one, args=(time.monotonic() - t0,))

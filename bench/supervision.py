@@ -12,6 +12,13 @@ measure kill -> the supervisor runs a new process ("back") and kill -> it does i
     lb-controller       the edge bridge is connected again and the external IP answers
     apiserver    a write (a label on the Deployment) succeeds
 
+The lb-controller is killed under traffic: a client (bench/loadgen.py in the client's
+namespace) opens 20 new connections/s through the external IP, each bounded by 1 s, from
+2 s before the kill until 2 s after the new controller serves; the report counts the
+connections attempted and failed between the kill and the restarted controller serving,
+and in the whole run. Goal: at most the connections of that window fail; with the switch
+balancing by itself (select groups, conntrack NAT), none.
+
     PYTHONPATH=. python -m bench.supervision [--runs 3]
 
 The cluster (3 nodes, the seed Deployment with its NodePort Service and a LoadBalancer
@@ -27,6 +34,8 @@ import os
 import random
 import signal
 import string
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -151,6 +160,12 @@ def replacement_check(lab: Lab) -> Callable[[], object]:
 
 
 def measure(lab: Lab, process: str, lb_ip: str) -> tuple[float, float]:
+    back, serving, _ = kill_and_wait(lab, process, lb_ip)
+    return back, serving
+
+
+def kill_and_wait(lab: Lab, process: str, lb_ip: str) -> tuple[float, float, float]:
+    """kill -9; seconds to back and to serving, and the kill's time.time()."""
     old = lab.pid(process)
     killed_at = time.time()
     t0 = time.monotonic()
@@ -160,7 +175,42 @@ def measure(lab: Lab, process: str, lb_ip: str) -> tuple[float, float]:
     serving = wait(check) - t0
     wait(lambda: lab.http("client", "http://172.18.0.2:30007/") and lab.http("client", f"http://{lb_ip}/"))
     time.sleep(1)  # settle (slices, health checks) before the next kill
-    return back, serving
+    return back, serving, killed_at
+
+
+LEAD_S, TAIL_S, RATE = 2.0, 2.0, 20.0
+
+
+def measure_under_traffic(lab: Lab, process: str, lb_ip: str) -> dict:
+    """kill -9 while the client opens RATE new connections/s through the external IP."""
+    duration = LEAD_S + 30
+    loadgen = subprocess.Popen(
+        ["ip", "netns", "exec", naming.node_netns(lab.name, "client"), sys.executable, "-m", "bench.loadgen",
+         f"http://{lb_ip}/", "--rate", str(RATE), "--duration", str(duration), "--timeout", "1"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        time.sleep(LEAD_S)
+        back, serving, killed_at = kill_and_wait(lab, process, lb_ip)
+        time.sleep(TAIL_S)
+    finally:
+        loadgen.terminate()  # ends it early: its report is what had started by then
+        out, _ = loadgen.communicate(timeout=30)
+    return {"back": back, "serving": serving, **traffic_counts(out, killed_at, serving)}
+
+
+def traffic_counts(loadgen_output: str, killed_at: float, serving_s: float) -> dict:
+    """Requests attempted/failed in the kill -> serving window and in the whole run."""
+    if not loadgen_output.strip():
+        return {"window_attempted": 0, "window_failed": 0, "attempted": 0, "failed": 0, "errors": {}}
+    report = json.loads(loadgen_output)
+    window = [r for r in report["requests"]
+              if killed_at <= report["start"] + r["t"] <= killed_at + serving_s]
+    failed = [r for r in report["requests"] if not r["ok"]]
+    errors: dict[str, int] = {}
+    for r in failed:
+        errors[r["detail"]] = errors.get(r["detail"], 0) + 1
+    return {"window_attempted": len(window), "window_failed": sum(not r["ok"] for r in window),
+            "attempted": len(report["requests"]), "failed": len(failed), "errors": errors}
 
 
 PROCESSES = ["kube-proxy-node1", "kubelet-node2", "controller-manager", "cloud-controller", "lb-controller",
@@ -186,12 +236,13 @@ def main() -> None:
             lb_ip = external_ip(lab)
             wait(lambda: lab.http("client", f"http://{lb_ip}/"))
             results = {p: [measure(lab, p, lb_ip) for _ in range(args.runs)] for p in PROCESSES}
+            traffic = [measure_under_traffic(lab, "lb-controller", lb_ip) for _ in range(args.runs)]
         finally:
             teardown(root, name)
-    report(results)
+    report(results, traffic)
 
 
-def report(results: dict[str, list[tuple[float, float]]]) -> None:
+def report(results: dict[str, list[tuple[float, float]]], traffic: list[dict]) -> None:
     rows = []
     for process, runs in results.items():
         back, serving = [r[0] for r in runs], [r[1] for r in runs]
@@ -200,8 +251,15 @@ def report(results: dict[str, list[tuple[float, float]]]) -> None:
                      f"{percentile(serving, 50):.2f}", f"{max(serving):.2f}", verdict])
     print_table(f"kill -9 -> back / serving again (s), goal <= {GOAL_S:.0f} s",
                 ["component", "runs", "back p50", "back max", "serving p50", "serving max", "goal"], rows)
+    rows = [[str(i + 1), f"{t['back']:.2f}", f"{t['serving']:.2f}", f"{t['window_failed']} / {t['window_attempted']}",
+             f"{t['failed']} / {t['attempted']}", ", ".join(f"{k} {v}" for k, v in t["errors"].items()) or "-"]
+            for i, t in enumerate(traffic)]
+    print_table(f"lb-controller kill -9 under {RATE:g} new connections/s through the external IP",
+                ["run", "back s", "serving s", "failed / attempted, kill -> serving", "failed / attempted, run",
+                 "errors"], rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "supervision.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / "supervision.json").write_text(json.dumps({"kill": results, "lb_controller_under_traffic": traffic},
+                                                         indent=1))
 
 
 if __name__ == "__main__":

@@ -458,10 +458,12 @@ class Kubelet:
         self.bridge = podnet.NodeBridge(self.config.node_netns, str(self.pod_cidr))
         self.bridge.ensure()
         await self.pods.synced.wait()
-        for pod in self.pods.items():  # adopt pods from before a restart
+        for pod in self.pods.items():  # adopt pods from before a restart: made again, same address
             netns = naming.pod_netns(self.config.cluster, pod.metadata.uid)
             if Path(naming.netns_path(netns)).exists():
                 self.bridge.remove_pod(netns, naming.pod_host_ifname(pod.metadata.uid))
+                if pod.status.pod_ip:  # the new veth has a new MAC: the node's entry would blackhole
+                    await asyncio.to_thread(self._forget_neighbour, pod.status.pod_ip)  # the pod for ~30 s
         self.clean_orphans()
         log.info("node %s ready: pod CIDR %s", self.config.node_name, self.pod_cidr)
         tasks.append(asyncio.create_task(self.heartbeat()))
