@@ -9,7 +9,9 @@ measure kill -> the supervisor runs a new process ("back") and kill -> it does i
     kubelet      the node's pods answer again (their servers are the kubelet's children)
     controller-manager  a pod deleted right after the kill has a replacement
     cloud-controller    its table feed answers again (the load balancer's health checks run)
-    lb-controller       the edge bridge is connected again and the external IP answers
+    lb-controller       the switch's OpenFlow connection is established with the new process (the
+                        kernel's socket table: ovs-vsctl's is_connected lags by up to ~5 s) and the
+                        external IP answers
     apiserver    a write (a label on the Deployment) succeeds
 
 The lb-controller is killed under traffic: a client (bench/loadgen.py in the client's
@@ -47,6 +49,7 @@ from bench.common import REPO, RESULTS, percentile, print_table
 from testbed import naming
 from testbed.client.client import ApiClient
 from testbed.cluster import cloud_lb
+from testbed.cluster.processes import ProcessTable
 from testbed.node.podnet import entered_netns
 from testbed.paths import StateDir
 
@@ -128,7 +131,7 @@ def serving_check(lab: Lab, process: str, killed_at: float, lb_ip: str) -> Calla
     if process == "cloud-controller":
         return lambda: _feed_answers(lab)
     if process == "lb-controller":
-        return lambda: cloud_lb.connected(f"{lab.name}-edge") and lab.http("client", f"http://{lb_ip}/")
+        return lambda: switch_connected_to(lab, lab.pid(process)) and lab.http("client", f"http://{lb_ip}/")
     if process == "apiserver":
         async def write(client):
             d = await client.get("Deployment", "frontend", "default")
@@ -136,6 +139,14 @@ def serving_check(lab: Lab, process: str, killed_at: float, lb_ip: str) -> Calla
             return await client.update(d)
         return lambda: lab.api(write)
     raise ValueError(process)
+
+
+def switch_connected_to(lab: Lab, pid: int) -> bool:
+    """ovs-vswitchd's OpenFlow connection is ESTABLISHED to a socket of process `pid` (the app accepted it)."""
+    port = ProcessTable(lab.state.path).load()["lb-controller"].flag("--openflow-port")
+    sockets = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True).stdout
+    return f"pid={pid}," in sockets
 
 
 def _feed_answers(lab: Lab) -> bool:
