@@ -29,7 +29,6 @@ import ctypes
 import marshal
 import os
 import sys
-import warnings  # noqa: F401 - os.execvpe imports it, after the command dropped root (no access to /root)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -136,6 +135,20 @@ def _set_oom_score_adj(value: int) -> None:
         pass
 
 
+def _execvpe(argv: list[str], env: dict[str, str]) -> None:
+    """execvp's search of PATH, without os.execvpe: that imports warnings, which the command,
+    no longer root, may not be able to read (a Python installed under /root)."""
+    name = argv[0]
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in env.get("PATH", "").split(":")]
+    error: OSError = FileNotFoundError(2, f"{name}: not found in PATH")
+    for candidate in candidates:
+        try:
+            os.execve(candidate, argv, env)
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            error = exc if not isinstance(error, PermissionError) else error  # EACCES wins, as in execvp
+    raise error
+
+
 def _exec_command(config: dict) -> None:
     """In the forked child: default signal handling, the command's own OOM score, its user."""
     try:
@@ -146,8 +159,7 @@ def _exec_command(config: dict) -> None:
         os.setgid(config["gid"])
         os.setuid(config["uid"])
         os.chdir("/")
-        argv = config["argv"]
-        os.execvpe(argv[0], argv, config["env"])
+        _execvpe(config["argv"], config["env"])
     except OSError as exc:
         os.write(2, f"sandbox: cannot run {config['argv'][0]!r}: {exc.strerror}\n".encode())
         os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
