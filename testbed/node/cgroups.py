@@ -12,7 +12,8 @@ kubelet's pod cgroups:
 - cgroup v2 (/sys/fs/cgroup is cgroup2): the group sits beside the kubelet's own cgroup, in
   its parent, which must have cpu, memory and pids in cgroup.subtree_control (v2 puts no
   processes in inner groups); cpu.max, cpu.weight, memory.max, memory.swap.max = 0, pids.max;
-  OOM kills: memory.events' oom_kill. Not exercised on this machine (v1 only).
+  OOM kills: memory.events' oom_kill. This machine is v1; the v2 path ran in a VM (stock
+  kernel, the kubelet in the root cgroup: docs/usage.md).
 
 Without a writable hierarchy (`detect()` finds none) pods run without cgroups and the kubelet
 says so once. Every function raises OSError naming the file it could not write.
