@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from bench.common import REPO, RESULTS, percentile, print_table
 from testbed import naming
@@ -418,8 +418,10 @@ def bare_pod(name: str) -> pb.Pod:
     return pod
 
 
-async def paced_latency(state: StateDir, count: int, rate: float, timeout: float) -> list[float]:
-    """Create `count` bare pods at `rate` per second into the settled cluster; create -> Ready (ms) of each.
+async def paced_latency(state: StateDir, count: int, rate: float, timeout: float,
+                        make_pod: Callable[[str], pb.Pod] = bare_pod) -> list[float]:
+    """Create `count` pods (bare ones unless `make_pod` says) at `rate` per second into the settled
+    cluster; create -> Ready (ms) of each. Their label must be app=paced.
 
     Upstream's pod-startup SLI is measured this way too (latency pods created at a low rate
     next to a saturated cluster), since a burst measures queueing more than a pod's own path.
@@ -443,7 +445,7 @@ async def paced_latency(state: StateDir, count: int, rate: float, timeout: float
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0.2)
         for i in range(count):
-            await client.create(bare_pod(f"paced-{i}"))
+            await client.create(make_pod(f"paced-{i}"))
             await asyncio.sleep(1 / rate)
         try:
             await asyncio.wait_for(done.wait(), timeout)

@@ -64,3 +64,9 @@ def pod_netns(cluster: str, pod_uid: str) -> str:
 def pod_host_ifname(pod_uid: str) -> str:
     """The node end of a pod's veth: unique within its node, at most 15 characters."""
     return "veth" + hashlib.sha256(pod_uid.encode()).hexdigest()[:8]
+
+
+def cgroup_name(cluster: str) -> str:
+    """The cgroup (in each hierarchy, under the kubelet's own) holding the cluster's pods: one
+    child per pod, named by its uid."""
+    return f"svclab-{cluster}"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.node import cgroups
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.cluster
@@ -349,10 +350,13 @@ def test_two_clusters_side_by_side_and_clean_after_kill_9(make_cluster):
     time.sleep(0.5)
     assert any("sleep 600" in p for p in still_running(processes))  # the pod's command outlived its kubelet
     assert leftovers(a.name, a.state, processes)  # kill -9 left things behind ...
+    groups = cgroups.find_cluster_groups(a.name)
+    assert groups and any(cgroups.processes(pod) for g in groups for pod in g.iterdir() if pod.is_dir())
     r = a.svclab("clean", check=True)
     assert "removed" in r.stdout
     left = leftovers(a.name, a.state, processes)
     assert not left, left  # ... and clean removed all of it, the pod's command too
+    assert cgroups.find_cluster_groups(a.name) == [], groups  # and the pods' cgroups
     assert not a.state.exists()
     # the other cluster still works
     pod = next(p for k, p in pods_by_name(b).items() if k.startswith("frontend-"))

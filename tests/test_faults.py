@@ -292,10 +292,14 @@ def test_pod_kill_restarts_containers_per_restart_policy_and_counts_restarts(lab
     assert wait_for("it serves", lambda: http_get(netns(lab, node), ip, 8080))
 
     cmd = pod_when(lab, "cmd-always", "ready", ready)
-    first = faults.pod_kill(target(lab), "cmd-always").params["pids"]
-    pod_when(lab, "cmd-always", "restarted", lambda p: restarts(p) == 1 and ready(p), timeout=20)
     inode = procfs.ns_inode(naming.netns_path(pod_netns(lab, cmd)))
+    init = procfs.sandbox_init(inode)  # PID 1 of the pod's sandbox, by its pid here
+    first = faults.pod_kill(target(lab), "cmd-always").params["pids"]
+    assert first[0] == init and len(first) >= 2, first  # the init, then the command inside
+    after = pod_when(lab, "cmd-always", "restarted", lambda p: restarts(p) == 1 and ready(p), timeout=20)
+    assert after["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"] == 137
     assert set(procfs.processes_in_netns({inode})).isdisjoint(first)
+    assert procfs.sandbox_init(inode) not in (None, init)  # a new sandbox in the same pod
     assert wait_for("it serves", lambda: http_get(netns(lab, cmd["spec"]["nodeName"]), cmd["status"]["podIP"], 8081))
 
     faults.pod_kill(target(lab), "cmd-never")

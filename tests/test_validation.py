@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from testbed.api.errors import ApiError
@@ -176,3 +178,91 @@ endpoints: [{addresses: [127.0.0.1]}]
     assert r.stderr == ('error: Error from server: EndpointSlice "ssh-1" is invalid: endpoints[0].addresses[0]: '
                         f'Invalid value: "127.0.0.1": {LOOPBACK}\n')
     assert "ssh" not in apiserver.cli("get", "svc").stdout
+
+
+QUANTITY_FORMAT = "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+RESOURCE_CASES = [
+    ({"limits": {"memory": "12XB"}},
+     f'spec.containers[0].resources.limits[memory]: Invalid value: "12XB": {QUANTITY_FORMAT}'),
+    ({"requests": {"cpu": "fast"}}, f'spec.containers[0].resources.requests[cpu]: Invalid value: "fast": {QUANTITY_FORMAT}'),
+    ({"limits": {"cpu": "1Mm"}}, 'spec.containers[0].resources.limits[cpu]: Invalid value: "1Mm": '
+                                 "unable to parse quantity's suffix"),
+    ({"limits": {"memory": "-1"}}, 'spec.containers[0].resources.limits[memory]: Invalid value: "-1": '
+                                   "must be greater than or equal to 0"),
+    ({"limits": {"cpu": "500m"}, "requests": {"cpu": "1"}},
+     'spec.containers[0].resources.requests: Invalid value: "1": must be less than or equal to cpu limit of 500m'),
+    ({"limits": {"memory": "64Mi"}, "requests": {"memory": "1Gi"}},
+     'spec.containers[0].resources.requests: Invalid value: "1Gi": must be less than or equal to memory limit of 64Mi'),
+    ({"limits": {"gpu": "1"}}, 'spec.containers[0].resources.limits[gpu]: Invalid value: "gpu": '
+                               "must be a standard resource for containers"),
+]
+
+
+def resource_pod(resources: dict, kind: str = "Pod"):
+    container = {"name": "c", "image": "busybox", "command": ["sleep", "60"], "resources": resources}
+    return obj({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [container]}})
+
+
+@pytest.mark.parametrize("resources, message", RESOURCE_CASES)
+def test_resource_quantities_are_validated_as_kubernetes_does(apiserver, resources, message):
+    async def scenario():
+        async with apiserver.client() as c:
+            with pytest.raises(ApiError) as err:
+                await c.create(resource_pod(resources))
+            assert message in err.value.message
+            assert not (await c.list("Pod", "default"))[0]
+    run(scenario())
+
+
+def test_requests_default_to_limits_and_describe_shows_both(apiserver):
+    r = apiserver.cli("apply", "-f", "-", input="""
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: bounded}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: bounded}}
+  template:
+    metadata: {labels: {app: bounded}}
+    spec:
+      containers:
+        - name: c
+          image: busybox
+          command: [sleep, "60"]
+          resources: {limits: {cpu: 500m, memory: 128Mi}, requests: {cpu: 0.25}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bounded}
+spec:
+  containers:
+    - name: c
+      image: busybox
+      command: [sleep, "60"]
+      resources: {limits: {cpu: 1, memory: 134217728}}
+""")
+    assert r.returncode == 0, r.stderr
+    template = json.loads(apiserver.cli("get", "deploy", "bounded", "-o", "json").stdout)["spec"]["template"]
+    assert template["spec"]["containers"][0]["resources"] == {
+        "limits": {"cpu": "500m", "memory": "128Mi"}, "requests": {"cpu": "0.25", "memory": "128Mi"}}
+    pod = json.loads(apiserver.cli("get", "pod", "bounded", "-o", "json").stdout)
+    assert pod["spec"]["containers"][0]["resources"]["requests"] == {"cpu": "1", "memory": "134217728"}
+    described = apiserver.cli("describe", "pod", "bounded").stdout
+    assert "    Limits:\n      cpu:      1\n      memory:   134217728\n" in described, described
+    assert "    Requests:\n      cpu:      1\n" in described
+    bad = apiserver.cli("apply", "-f", "-", input=template_with_bad_limit())
+    assert bad.returncode == 1
+    assert ('spec.template.spec.containers[0].resources.limits[memory]: Invalid value: "lots"' in bad.stderr), bad.stderr
+
+
+def template_with_bad_limit() -> str:
+    return """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: bad}
+spec:
+  selector: {matchLabels: {app: bad}}
+  template:
+    metadata: {labels: {app: bad}}
+    spec: {containers: [{name: c, image: i, resources: {limits: {memory: lots}}}]}
+"""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf.message import Message
 
+from testbed.api import quantity
 from testbed.api.v1 import api_pb2 as pb
 
 DEFAULT_AFFINITY_TIMEOUT = 10800
@@ -22,9 +23,23 @@ def default_pod_spec(spec: pb.PodSpec) -> None:
             probe.failure_threshold = probe.failure_threshold or 3
             if probe.HasField("http_get"):
                 probe.http_get.path = probe.http_get.path or "/"
+        _default_requests(container.resources)
     if not spec.HasField("termination_grace_period_seconds"):
         spec.termination_grace_period_seconds = DEFAULT_TERMINATION_GRACE
     spec.restart_policy = spec.restart_policy or "Always"
+
+
+def _default_requests(resources: pb.ResourceRequirements) -> None:
+    """A request left out defaults to its limit, as in Kubernetes (a limit that is not a quantity
+    is left to validation, which names it once)."""
+    for name, limit in resources.limits.items():
+        if name in resources.requests:
+            continue
+        try:
+            quantity.parse(limit)
+        except quantity.QuantityError:
+            continue
+        resources.requests[name] = limit
 
 
 def default_service(svc: pb.Service) -> None:

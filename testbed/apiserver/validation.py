@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from decimal import Decimal
 
 from google.protobuf.message import Message
 
+from testbed.api import quantity
 from testbed.api.kube_json import int_or_string
 from testbed.api.selectors import SelectorError, label_selector_requirements, labels_match
 from testbed.api.v1 import api_pb2 as pb
@@ -28,6 +30,7 @@ SERVICE_TYPES = ("ClusterIP", "LoadBalancer", "NodePort")
 TRAFFIC_POLICIES = ("Cluster", "Local")
 AFFINITIES = ("ClientIP", "None")
 MAX_AFFINITY_TIMEOUT = 86400
+STANDARD_CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
 TOTAL_ANNOTATION_SIZE_LIMIT = 256 * 1024  # bytes of keys and values together, as Kubernetes
 
 
@@ -291,6 +294,7 @@ def validate_pod_spec(spec: pb.PodSpec, path: str) -> list[FieldError]:
             errs += int_or_name_port(f"{cpath}.readinessProbe.tcpSocket.port", probe.tcp_socket.port)
         if probe.HasField("http_get"):
             errs += int_or_name_port(f"{cpath}.readinessProbe.httpGet.port", probe.http_get.port)
+        errs += resource_requirements(f"{cpath}.resources", c.resources)
         sleep = c.lifecycle.pre_stop.sleep
         if c.lifecycle.pre_stop.HasField("sleep") and sleep.seconds < 0:
             errs.append(invalid(f"{cpath}.lifecycle.preStop.sleep.seconds", sleep.seconds,
@@ -300,6 +304,46 @@ def validate_pod_spec(spec: pb.PodSpec, path: str) -> list[FieldError]:
                             "must be greater than or equal to 0"))
     if spec.restart_policy not in RESTART_POLICIES:
         errs.append(unsupported(f"{path}.restartPolicy", spec.restart_policy, RESTART_POLICIES))
+    return errs
+
+
+def _resource_name(path: str, name: str) -> list[FieldError]:
+    if "/" in name or name in STANDARD_CONTAINER_RESOURCES or name.startswith("hugepages-"):
+        return []
+    return [invalid(path, name, "must be a standard resource for containers")]
+
+
+def _quantities(path: str, values: dict[str, str]) -> tuple[dict[str, Decimal], list[FieldError]]:
+    parsed, errs = {}, []
+    for name, text in sorted(values.items()):
+        key_path = f"{path}[{name}]"
+        errs += _resource_name(key_path, name)
+        try:
+            parsed[name] = quantity.parse(text)
+        except quantity.QuantityError as exc:
+            errs.append(invalid(key_path, text, str(exc)))
+            continue
+        if parsed[name] < 0:
+            errs.append(invalid(key_path, text, "must be greater than or equal to 0"))
+    return parsed, errs
+
+
+def resource_requirements(path: str, resources: pb.ResourceRequirements) -> list[FieldError]:
+    """Kubernetes' ValidateResourceRequirements: known names, quantities, requests <= limits
+    (equal for extended resources, which cannot be overcommitted)."""
+    limits, errs = _quantities(f"{path}.limits", dict(resources.limits))
+    requests, request_errs = _quantities(f"{path}.requests", dict(resources.requests))
+    errs += request_errs
+    for name, request in requests.items():
+        if name not in limits:
+            continue
+        limit_text = resources.limits[name]
+        if "/" in name and request != limits[name]:
+            errs.append(invalid(f"{path}.requests", resources.requests[name],
+                                f"must be equal to {name} limit of {limit_text}"))
+        elif request > limits[name]:
+            errs.append(invalid(f"{path}.requests", resources.requests[name],
+                                f"must be less than or equal to {name} limit of {limit_text}"))
     return errs
 
 

@@ -14,7 +14,9 @@ from testbed import naming
 from testbed.api.errors import plain
 from testbed.cli.common import Duration, Target, fail, pass_target, run_with_client
 from testbed.cli.printers import service_external_ip
+from testbed.cluster import procfs
 from testbed.cluster.config import ClusterConfig, ConfigError
+from testbed.node import cgroups
 from testbed.proxy.backends import MODES
 
 
@@ -219,7 +221,19 @@ def exec_cmd(target: Target, namespace: str, target_name: str, command: tuple[st
         if not Path(naming.netns_path(netns)).exists():
             fail(f'pod "{target_name}" has no network namespace yet (phase {pod.status.phase or "Pending"})')
     argv = list(command[1:] if command and command[0] == "--" else command)
-    os.execvp("ip", ["ip", "netns", "exec", netns, *argv])
+    os.execvp(*_exec_argv(netns, argv))
+
+
+def _exec_argv(netns: str, argv: list[str]) -> tuple[str, list[str]]:
+    """Into a `command:` pod's sandbox (its namespaces and cgroup, as `kubectl exec` enters the
+    container), else into the namespace of a node, the client or a pod without a command."""
+    inode = procfs.ns_inode(naming.netns_path(netns))
+    init = procfs.sandbox_init(inode) if inode is not None else None
+    if init is None:
+        return "ip", ["ip", "netns", "exec", netns, *argv]
+    cgroups.join_cgroups_of(init)
+    return "nsenter", ["nsenter", f"--target={init}", "--mount", "--uts", "--ipc", "--net", "--pid", "--cgroup",
+                       "--", *argv]
 
 
 def _check_target_name(name: str) -> None:

@@ -314,6 +314,11 @@ def _describe_pod(pod: pb.Pod) -> list[str]:
         lines.append(f"    Ports:      {ports or '<none>'}")
         if c.command:
             lines.append(f"    Command:    {' '.join(c.command)}")
+        lines += _container_state(pod, c.name)
+        for title, values in (("Limits", c.resources.limits), ("Requests", c.resources.requests)):
+            if values:
+                lines.append(f"    {title}:")
+                lines += [f"      {name + ':':<9} {values[name]}" for name in sorted(values)]
         probe = c.readiness_probe
         if probe.HasField("tcp_socket"):
             lines.append(f"    Readiness:  tcp-socket :{int_or_string(probe.tcp_socket.port)} period={probe.period_seconds}s")
@@ -324,6 +329,32 @@ def _describe_pod(pod: pb.Pod) -> list[str]:
             )
     lines += _conditions(pod.status.conditions)
     return lines
+
+
+def _container_state(pod: pb.Pod, name: str) -> list[str]:
+    """kubectl's State and Last State blocks (Running since, Waiting with its reason, Terminated
+    with its reason and exit code) and the restart count."""
+    status = next((s for s in pod.status.container_statuses if s.name == name), None)
+    if status is None:
+        return []
+    lines = _state_lines("State:", status.state)
+    if status.last_state.HasField("terminated"):
+        lines += _state_lines("Last State:", status.last_state)
+    return lines + [f"    Restarts:   {status.restart_count}"]
+
+
+def _state_lines(title: str, state: pb.ContainerState) -> list[str]:
+    if state.HasField("terminated"):
+        ended = state.terminated
+        return [f"    {title:<11} Terminated", f"      Reason:     {ended.reason}",
+                f"      Exit Code:  {ended.exit_code}", f"      Started:    {ended.started_at}",
+                f"      Finished:   {ended.finished_at}", f"      Message:    {ended.message}"]
+    if state.HasField("running"):
+        return [f"    {title:<11} Running", f"      Started:    {state.running.started_at}"]
+    if state.HasField("waiting"):
+        return [f"    {title:<11} Waiting", f"      Reason:     {state.waiting.reason}"] + (
+            [f"      Message:    {state.waiting.message}"] if state.waiting.message else [])
+    return []
 
 
 def _describe_deployment(d: pb.Deployment, pods: list[pb.Pod]) -> list[str]:

@@ -28,7 +28,7 @@ from testbed.manifests import load_paths
 from testbed.paths import StateDir
 from testbed import naming
 from testbed.cluster import cloud_lb, net, netclean, procfs, topo
-from testbed.node import podnet
+from testbed.node import cgroups, podnet
 from testbed.cluster.config import ClusterConfig
 from testbed.cluster.processes import ProcessTable, stop_pids
 from testbed.cluster.supervisor import RESTARTING, Supervisor
@@ -277,6 +277,7 @@ def clean(cluster: str, state: StateDir) -> list[str]:
     alive = [r for r in table.values() if r.alive()]
     stop_pids(alive, timeout=5)
     removed += [f"process {r.name} ({r.pid})" for r in alive]
+    removed += cgroups.remove_cluster(cluster)  # pods' processes, wherever a killed kubelet left them
     prefix = naming.pod_netns_prefix(cluster)
     pod_netns = sorted(naming.NETNS_DIR.glob(prefix + "*"))
     # Pod commands run in their own session: a kubelet killed with -9 leaves them running,

@@ -91,6 +91,19 @@ def processes_in_netns(inodes: set[int]) -> list[int]:
     return found
 
 
+def sandbox_init(netns_inode: int) -> int | None:
+    """The pid (here) of PID 1 of a pod sandbox in that network namespace (node/sandbox.py), if any."""
+    for pid in processes_in_netns({netns_inode}):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspid = re.search(r"^NSpid:\s+(.*)$", status, re.M)
+        if nspid and nspid.group(1).split()[1:] == ["1"]:
+            return pid
+    return None
+
+
 def kill(pid: int, group: bool = False) -> bool:
     """SIGKILL pid (its whole process group if it leads one); True if it was there."""
     try:

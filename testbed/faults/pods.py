@@ -1,7 +1,9 @@
 """pod-kill: a pod's containers die and its kubelet restarts them as its restartPolicy says.
 
-A container with a command is a process in the pod's network namespace: it is SIGKILLed, as a
-container runtime kills a container, whatever its kubelet is doing. A container without one is
+A container with a command runs in its pod's sandbox (node/sandbox.py: its own PID namespace):
+the sandbox's init, PID 1 there, is SIGKILLed by its pid here, as a container runtime kills a
+container's init, whatever its kubelet is doing; the kernel then kills every other process of
+that PID namespace, the command with it, and the sandbox exits 137. A container without one is
 the kubelet's built-in server (or cluster DNS) for that pod, served from the kubelet's own
 process: the kubelet's runtime socket (<state>/nodes/<node>/runtime.sock) is asked to kill it.
 Either way the kubelet sees the container exit (137, SIGKILL), counts a restart in the pod's
@@ -62,11 +64,19 @@ def pod_kill(cluster: FaultTarget, pod: str, namespace: str = "default") -> Faul
         raise FaultError("pod", f"pod {pod} is not running (phase {found.status.phase or 'Pending'})")
     params = {"pod": pod, "namespace": namespace, "node": node}
     if any(c.command for c in found.spec.containers):
-        inode = procfs.ns_inode(naming.netns_path(naming.pod_netns(cluster.cluster, found.metadata.uid)))
-        pids = [pid for pid in (procfs.processes_in_netns({inode}) if inode else []) if procfs.kill(pid)]
-        if not pids:
-            raise FaultError("pod", f"pod {pod} has no running container process (restarting already?)")
-        return Fault("pod-kill", {**params, "pids": pids}, summary=f"pod {pod}: SIGKILL to {pids} on {node}")
+        pids = _kill_sandbox(cluster, found)
+        return Fault("pod-kill", {**params, "pids": pids},
+                     summary=f"pod {pod}: SIGKILL to its sandbox's init {pids[0]} (pids {pids}) on {node}")
     answer = ask_runtime(cluster, node, {"verb": "kill", "namespace": namespace, "name": pod})
     return Fault("pod-kill", {**params, "containers": answer["containers"]},
                  summary=f"pod {pod}: built-in container(s) {', '.join(answer['containers'])} killed on {node}")
+
+
+def _kill_sandbox(cluster: FaultTarget, pod: pb.Pod) -> list[int]:
+    """SIGKILL the init of the pod's sandbox; its pid here, then those of the pod's other processes."""
+    inode = procfs.ns_inode(naming.netns_path(naming.pod_netns(cluster.cluster, pod.metadata.uid)))
+    init = procfs.sandbox_init(inode) if inode is not None else None
+    pids = [init, *procfs.descendants([init])] if init is not None else []
+    if init is None or not procfs.kill(init):
+        raise FaultError("pod", f"pod {pod.metadata.name} has no running container process (restarting already?)")
+    return pids

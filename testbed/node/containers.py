@@ -1,13 +1,16 @@
 """A pod's containers as the kubelet runs them: exits, restarts per restartPolicy, statuses.
 
-svclab runs one workload per pod (the first container's command, or the built-in servers of
-every container's ports), so every container of a pod shares one run: it starts, it exits (the
-process ends, or the runtime socket kills a built-in server: exit 137 as SIGKILL), and the
-restartPolicy decides (Always: restart; OnFailure: restart unless it exited 0; Never: the pod
-ends Failed or Succeeded). Restarts back off as upstream's kubelet does: the first at once,
-then 10 s doubling to 5 min while they keep failing (the container waits in CrashLoopBackOff),
-from the start again after 10 min without a failure. Each restart counts in
-status.containerStatuses[].restartCount; lastState says how the previous run ended.
+svclab runs one workload per pod (the first container's command in its sandbox: command.py, or
+the built-in servers of every container's ports), so every container of a pod shares one run:
+it starts, it ends (the process exits, the kernel's OOM killer kills it over its memory limit,
+the runtime socket kills a built-in server: exit 137 as SIGKILL), and the restartPolicy
+decides (Always: restart; OnFailure: restart unless it exited 0; Never: the pod ends Failed or
+Succeeded). Restarts back off as upstream's kubelet does: the first at once, then 10 s doubling
+to 5 min while they keep failing (the container waits in CrashLoopBackOff), from the start
+again after 10 min without a failure. Each restart counts in
+status.containerStatuses[].restartCount; state says how the container is now (running,
+waiting, or terminated when it is not restarted) and lastState how its previous run ended
+(terminated: exit code, reason Completed, Error or OOMKilled).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ BACKOFF_MAX = 300.0
 BACKOFF_RESET_AFTER = 600.0
 KILLED = 128 + signal.SIGKILL  # a container killed with SIGKILL exits 137, as the runtime reports it
 CRASH_LOOP = "CrashLoopBackOff"
+OOM_KILLED = "OOMKilled"
 
 
 def should_restart(policy: str, exit_code: int) -> bool:
@@ -39,26 +43,52 @@ def exit_code_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def termination(exit_code: int, started_at: str, oom_limit: str | None = None) -> pb.ContainerStateTerminated:
+    """Kubernetes' terminated state of a run: OOMKilled when the kernel killed a process of it for
+    its memory limit (oom_limit: that limit; as containerd reports it), else Completed or Error."""
+    state = pb.ContainerStateTerminated(exit_code=exit_code, started_at=started_at, finished_at=now_rfc3339())
+    if exit_code > 128:
+        state.signal = exit_code - 128
+    if oom_limit is not None:
+        state.reason = OOM_KILLED
+        state.message = f"the container exceeded its memory limit of {oom_limit}; exit code {exit_code}"
+    else:
+        state.reason = "Completed" if exit_code == 0 else "Error"
+        state.message = f"command exited {exit_code}"
+    return state
+
+
 @dataclass
 class ContainerRun:
     """The current and last run of a pod's containers, and its restart back-off."""
 
     restarts: int = 0
     started_at: str = ""
-    last_started_at: str = ""
-    last_exit: tuple[int, str] | None = None  # (exit code, finished at)
+    terminated: pb.ContainerStateTerminated | None = None  # the run that ended, until restarted
+    last_terminated: pb.ContainerStateTerminated | None = None  # the run before the current one
     waiting: str = ""  # CrashLoopBackOff while waiting for a restart
+    waiting_message: str = ""
     backoff: float = 0.0  # the delay before the next restart; 0: at once
     last_failure: float | None = None  # monotonic
     exit_code: int | None = None  # set when the workload exited (a built-in server killed), until restarted
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def started(self) -> None:
-        self.started_at, self.exit_code, self.waiting = now_rfc3339(), None, ""
+        self.started_at, self.exit_code, self.waiting, self.waiting_message = now_rfc3339(), None, "", ""
+        if self.terminated is not None:
+            self.last_terminated, self.terminated = self.terminated, None
 
-    def exited(self, code: int) -> None:
-        self.last_exit, self.last_started_at = (code, now_rfc3339()), self.started_at
-        self.started_at, self.exit_code = "", code
+    def exited(self, ended: pb.ContainerStateTerminated) -> None:
+        self.terminated, self.started_at, self.exit_code = ended, "", ended.exit_code
+
+    def restarting(self, delay: float, container: str, pod: pb.Pod) -> None:
+        """Waiting for a restart in `delay` s: CrashLoopBackOff (upstream's words) unless at once;
+        the run that ended becomes lastState."""
+        self.last_terminated, self.terminated = self.terminated, None
+        if delay:
+            self.waiting = CRASH_LOOP
+            self.waiting_message = (f"back-off {delay:.0f}s restarting failed container={container} "
+                                    f"pod={pod.metadata.name}_{pod.metadata.namespace}({pod.metadata.uid})")
 
     def restart_delay(self, now: float) -> float:
         """How long to wait before restarting after an exit at `now` (upstream's back-off)."""
@@ -76,21 +106,24 @@ class ContainerRun:
                                         restart_count=self.restarts, started=bool(self.started_at))
             if self.started_at:
                 status.state.running.started_at = self.started_at
+            elif self.terminated is not None:
+                status.state.terminated.CopyFrom(self.terminated)
             else:
                 status.state.waiting.reason = self.waiting or "ContainerCreating"
-            if self.last_exit is not None:
-                code, finished = self.last_exit
-                last = status.last_state.terminated
-                last.exit_code, last.reason, last.finished_at = code, "Completed" if code == 0 else "Error", finished
-                last.started_at = self.last_started_at
-                if code > 128:
-                    last.signal = code - 128
+                status.state.waiting.message = self.waiting_message
+            if self.last_terminated is not None:
+                status.last_state.terminated.CopyFrom(self.last_terminated)
             out.append(status)
         return out
 
     def carry_over(self, pod: pb.Pod) -> None:
-        """Keep the restart count a pod had (its kubelet was restarted)."""
+        """Keep the restart count and last termination a pod had (its kubelet was restarted)."""
         self.restarts = max((s.restart_count for s in pod.status.container_statuses), default=0)
+        last = next((s.last_state.terminated for s in pod.status.container_statuses
+                     if s.last_state.HasField("terminated")), None)
+        if last is not None:
+            self.last_terminated = pb.ContainerStateTerminated()
+            self.last_terminated.CopyFrom(last)
 
 
 def watch_exit(proc: subprocess.Popen, on_exit: Callable[[], None]) -> None:

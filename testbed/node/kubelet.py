@@ -3,12 +3,12 @@
 It runs inside its node's network namespace. For each pod it makes a network
 namespace joined to the node's cni0 bridge (node/podnet.py), takes the next
 free address of the node's pod CIDR, starts the pod's workload (the built-in
-server, or the container's command as an unprivileged process), probes
-readiness and writes the pod's status; a workload that exits is restarted as
-the pod's restartPolicy says (containers.py). It also routes every other node's
-pod CIDR via that node's address (host-gw: plain routing, no overlay, no NAT).
-It serves a small container-runtime socket (runtime.py) on which fault
-injection kills a pod's containers.
+server, or the container's command in its sandbox and cgroup: node/command.py),
+probes readiness and writes the pod's status; a workload that exits (or is
+OOM-killed) is restarted as the pod's restartPolicy says (containers.py). It
+also routes every other node's pod CIDR via that node's address (host-gw: plain
+routing, no overlay, no NAT). It serves a small container-runtime socket
+(runtime.py) on which fault injection kills a pod's built-in containers.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import os
 import shutil
-import signal
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +32,7 @@ from testbed.client.client import ApiClient
 from testbed.client.informer import Informer, WorkQueue, run_worker
 from testbed.component import run_component
 from testbed import fault, naming
-from testbed.node import containers, podnet, probes, routes, runtime
+from testbed.node import cgroups, command, containers, podnet, probes, routes, runtime
 from testbed.node.dns import DNS_IMAGE, ClusterRecords, DnsServer
 from testbed.node.workload import BuiltinServer, PodIdentity
 
@@ -71,7 +68,7 @@ class RunningPod:
     netns: str
     ip: str
     server: BuiltinServer | DnsServer | None = None
-    process: subprocess.Popen | None = None
+    command: command.CommandContainer | None = None  # its current or last run
     probe_task: asyncio.Task | None = None
     ready: bool | None = None
     terminating: asyncio.Task | None = None  # deleted: preStop, then stop (_terminate)
@@ -79,10 +76,9 @@ class RunningPod:
 
     def exit_code(self) -> int | None:
         """How the workload ended, None while it runs."""
-        if self.process is not None:
-            code = self.process.poll()
-            return None if code is None else containers.exit_code_of(code)
-        return self.run.exit_code  # a built-in server killed, or a command waiting for its restart
+        if self.command is not None:
+            return self.command.exit_code()
+        return self.run.exit_code  # a built-in server killed
 
 
 @dataclass
@@ -116,6 +112,7 @@ class Kubelet:
         self._last_ip_index = -1
         self.dns_records: ClusterRecords | None = None  # started when this node runs a DNS pod
         self._waiting_for_ip: set[tuple[str, str]] = set()  # retried at once when a pod stops
+        self.cgroups: cgroups.Hierarchies | None = None  # found by run()
 
     # ------------------------------------------------------------ node
 
@@ -262,8 +259,10 @@ class Kubelet:
         netns = running.netns
         container = pod.spec.containers[0] if pod.spec.containers else pb.Container()
         if container.command:
-            running.process = self._spawn(netns, list(container.command) + list(container.args), pod)
-            containers.watch_exit(running.process, running.run.wake.set)
+            running.command = command.start(
+                pod, container, netns, self.pods_dir / f"{netns}.log", command.SandboxPaths(self.config.state_dir),
+                self.cgroups, self.config.cluster, self.config.node_name)
+            containers.watch_exit(running.command.process, running.run.wake.set)
         elif container.image == DNS_IMAGE:
             if self.dns_records is None:
                 self.dns_records = ClusterRecords(self.client, self.config.cluster_domain)
@@ -285,8 +284,8 @@ class Kubelet:
             raise runtime.RuntimeRequestError(f"pod {namespace}/{name} is not running on {self.config.node_name}")
         if running.exit_code() is not None:
             raise runtime.RuntimeRequestError(f"pod {namespace}/{name}: its containers are not running (restarting)")
-        if running.process is not None:
-            os.killpg(running.process.pid, signal.SIGKILL)
+        if running.command is not None:
+            running.command.kill()
         elif running.server is not None:
             running.server.stop()
             running.server = None
@@ -296,25 +295,30 @@ class Kubelet:
 
     async def _container_exited(self, key: tuple[str, str], pod: pb.Pod, running: RunningPod, code: int) -> bool:
         """Restart the workload as restartPolicy says (False: the pod is done, Failed or Succeeded)."""
-        running.run.exited(code)
-        if running.process is not None:
-            running.process = None
-        log.info("pod %s/%s: container exited %d", *key, code)
+        if running.command is not None:
+            ended = running.command.termination(running.run.started_at)
+        else:
+            ended = containers.termination(code, running.run.started_at)
+        running.run.exited(ended)
+        log.info("pod %s/%s: container ended: %s (%s)", *key, ended.reason, ended.message)
         if not containers.should_restart(pod.spec.restart_policy, code):
-            phase, reason = ("Succeeded", "Completed") if code == 0 else ("Failed", "Error")
-            while not await self._write_status(self.pods.get(*key) or pod, phase=phase, ip=running.ip, reason=reason,
-                                               message=f"command exited {code}"):
+            phase = "Succeeded" if code == 0 else "Failed"
+            while not await self._write_status(self.pods.get(*key) or pod, phase=phase, ip=running.ip,
+                                               reason=ended.reason, message=ended.message):
                 await asyncio.sleep(1)  # the pod's end must be posted: nothing posts it later
             return False
         delay = running.run.restart_delay(asyncio.get_running_loop().time())
         running.ready = False
+        running.run.restarting(delay, pod.spec.containers[0].name if pod.spec.containers else "", pod)
         if delay:
-            running.run.waiting = containers.CRASH_LOOP
             log.info("pod %s/%s: restarting in %.0f s (%s)", *key, delay, containers.CRASH_LOOP)
         await self._write_status(self.pods.get(*key) or pod, phase="Running", ip=running.ip, ready=False)
         await asyncio.sleep(delay)
         running.run.restarts += 1
-        await self._start_workload(self.pods.get(*key) or pod, running)
+        try:
+            await self._start_workload(self.pods.get(*key) or pod, running)
+        except Exception as exc:  # noqa: BLE001 - still exited: the probe loop backs off and tries again
+            log.error("pod %s/%s: restarting its container failed: %s", *key, exc)
         await self._write_status(self.pods.get(*key) or pod, phase="Running", ip=running.ip, ready=False)
         return True
 
@@ -331,19 +335,6 @@ class Kubelet:
             if self.bridge.port_ready(host_ifname) or asyncio.get_running_loop().time() > deadline:
                 return
             await asyncio.sleep(0.002)
-
-    def _spawn(self, netns: str, argv: list[str], pod: pb.Pod) -> subprocess.Popen:
-        """The container's command in the pod's namespace, unprivileged, with the pod's resolv.conf."""
-        log_path = self.pods_dir / f"{netns}.log"
-        with open(log_path, "ab") as out:
-            return subprocess.Popen(
-                ["ip", "netns", "exec", netns, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                 "--", *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
-                     "POD_NAME": pod.metadata.name, "POD_NAMESPACE": pod.metadata.namespace,
-                     "NODE_NAME": self.config.node_name},
-            )
 
     def _write_resolv_conf(self, pod: pb.Pod, netns: str) -> None:
         """/etc/netns/<ns>/resolv.conf: `ip netns exec` (and so `svclab exec`) binds it over /etc/resolv.conf."""
@@ -379,12 +370,8 @@ class Kubelet:
             running.probe_task.cancel()
         if running.server is not None:
             running.server.stop()
-        if running.process is not None and running.process.poll() is None:
-            os.killpg(running.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(running.process.wait), 5)
-            except asyncio.TimeoutError:
-                os.killpg(running.process.pid, signal.SIGKILL)
+        if running.command is not None:
+            await running.command.stop()
         self.bridge.remove_pod(running.netns, naming.pod_host_ifname(running.uid))
         shutil.rmtree(Path("/etc/netns") / running.netns, ignore_errors=True)
         self._mark(running.netns, create=False)
@@ -430,7 +417,7 @@ class Kubelet:
                 return
             period = min((c.readiness_probe.period_seconds for c in pod.spec.containers
                           if c.readiness_probe.period_seconds),
-                         default=1 if running.process is not None else BUILTIN_PROBE_PERIOD)
+                         default=1 if running.command is not None else BUILTIN_PROBE_PERIOD)
             code = running.exit_code()
             if code is None:  # nothing can set wake between the check and clear(): no await
                 running.run.wake.clear()
@@ -512,6 +499,12 @@ class Kubelet:
             marker.unlink(missing_ok=True)
 
     async def run(self) -> None:
+        self.cgroups = cgroups.detect()
+        if self.cgroups is None:
+            log.warning("no writable cgroup hierarchy: command pods run without resource limits")
+        else:
+            log.info("pod cgroups: v%d, %s", self.cgroups.version,
+                     ", ".join(f"{c} under {p}" for c, p in sorted(self.cgroups.bases.items())))
         await self.register()
         tasks = [asyncio.create_task(i.run()) for i in (self.nodes, self.pods)]
         await self.nodes.synced.wait()
@@ -519,10 +512,12 @@ class Kubelet:
         self.bridge = podnet.NodeBridge(self.config.node_netns, str(self.pod_cidr))
         self.bridge.ensure()
         await self.pods.synced.wait()
-        for pod in self.pods.items():  # adopt pods from before a restart
+        for pod in self.pods.items():  # adopt pods from before a restart: made again, same address
             netns = naming.pod_netns(self.config.cluster, pod.metadata.uid)
             if Path(naming.netns_path(netns)).exists():
                 self.bridge.remove_pod(netns, naming.pod_host_ifname(pod.metadata.uid))
+                if pod.status.pod_ip:  # the new veth has a new MAC: the node's entry would blackhole
+                    await asyncio.to_thread(self._forget_neighbour, pod.status.pod_ip)  # the pod for ~30 s
         self.clean_orphans()
         log.info("node %s ready: pod CIDR %s", self.config.node_name, self.pod_cidr)
         tasks.append(asyncio.create_task(runtime.serve(self.runtime_socket, self.kill_containers)))
