@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import string
 import time
 from pathlib import Path
@@ -181,6 +182,7 @@ def test_a_deployment_pod_over_its_memory_limit_is_oomkilled_and_restarted_with_
     described = lab.svclab("describe", "pod", pod["metadata"]["name"], check=True).stdout
     assert "Last State: Terminated" in described and "Reason:     OOMKilled" in described, described
     assert "State:      Waiting" in described and "Reason:     CrashLoopBackOff" in described, described
+    assert int(re.search(r"Restart Count: (\d+)", described).group(1)) >= 1, described
     assert "CrashLoopBackOff" in lab.svclab("get", "pod", pod["metadata"]["name"], check=True).stdout
     again = wait_pod(lab, name, lambda p: container_status(p).get("restartCount", 0) >= 2, timeout=30)
     assert again["metadata"]["uid"] == pod["metadata"]["uid"]  # restarted in the same pod, not replaced

@@ -340,7 +340,7 @@ def _container_state(pod: pb.Pod, name: str) -> list[str]:
     lines = _state_lines("State:", status.state)
     if status.last_state.HasField("terminated"):
         lines += _state_lines("Last State:", status.last_state)
-    return lines + [f"    Restarts:   {status.restart_count}"]
+    return lines + [f"    Restart Count: {status.restart_count}"]
 
 
 def _state_lines(title: str, state: pb.ContainerState) -> list[str]:
