@@ -24,6 +24,7 @@ def default_pod_spec(spec: pb.PodSpec) -> None:
                 probe.http_get.path = probe.http_get.path or "/"
     if not spec.HasField("termination_grace_period_seconds"):
         spec.termination_grace_period_seconds = DEFAULT_TERMINATION_GRACE
+    spec.restart_policy = spec.restart_policy or "Always"
 
 
 def default_service(svc: pb.Service) -> None:

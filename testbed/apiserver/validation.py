@@ -257,6 +257,9 @@ def _service_external_addresses(spec: pb.ServiceSpec) -> list[FieldError]:
     return errs
 
 
+RESTART_POLICIES = ("Always", "OnFailure", "Never")
+
+
 def validate_pod_spec(spec: pb.PodSpec, path: str) -> list[FieldError]:
     errs = []
     if not spec.containers:
@@ -295,6 +298,8 @@ def validate_pod_spec(spec: pb.PodSpec, path: str) -> list[FieldError]:
     if spec.HasField("termination_grace_period_seconds") and spec.termination_grace_period_seconds < 0:
         errs.append(invalid(f"{path}.terminationGracePeriodSeconds", spec.termination_grace_period_seconds,
                             "must be greater than or equal to 0"))
+    if spec.restart_policy not in RESTART_POLICIES:
+        errs.append(unsupported(f"{path}.restartPolicy", spec.restart_policy, RESTART_POLICIES))
     return errs
 
 
@@ -320,6 +325,8 @@ def validate_deployment(deploy: pb.Deployment) -> list[FieldError]:
     errs += labels("spec.template.metadata.labels", dict(spec.template.metadata.labels))
     errs += annotations("spec.template.annotations", dict(spec.template.metadata.annotations))
     errs += validate_pod_spec(spec.template.spec, "spec.template.spec")
+    if spec.template.spec.restart_policy in RESTART_POLICIES and spec.template.spec.restart_policy != "Always":
+        errs.append(unsupported("spec.template.spec.restartPolicy", spec.template.spec.restart_policy, ("Always",)))
     if spec.strategy.type not in ("RollingUpdate", "Recreate"):
         errs.append(unsupported("spec.strategy.type", spec.strategy.type, ("Recreate", "RollingUpdate")))
     return errs

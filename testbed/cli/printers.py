@@ -90,6 +90,9 @@ def pod_status(pod: pb.Pod) -> str:
         return pod.status.reason
     if pod.spec.node_name and pod.status.phase in ("", "Pending"):
         return "ContainerCreating"  # bound, its sandbox not up yet (kubectl shows the container's waiting reason)
+    waiting = next((c.state.waiting.reason for c in pod.status.container_statuses if c.state.waiting.reason), "")
+    if pod.status.phase == "Running" and waiting:
+        return waiting  # CrashLoopBackOff, as kubectl shows a container waiting to restart
     return pod.status.phase or "Pending"
 
 
@@ -134,7 +137,7 @@ COLUMNS: dict[str, list[Column]] = {
     "Pod": [
         ("READY", pod_ready),
         ("STATUS", pod_status),
-        ("RESTARTS", lambda p: "0"),
+        ("RESTARTS", lambda p: str(sum(c.restart_count for c in p.status.container_statuses))),
     ],
     "Deployment": [
         ("READY", lambda d: f"{d.status.ready_replicas}/{d.spec.replicas}"),

@@ -230,6 +230,7 @@ class Cluster:
     def stop(self) -> None:
         """Stop everything this cluster started: node components, control plane, network, files."""
         self.supervisor.shutdown()  # nothing restarts from here on
+        _continue_frozen(self.config.name, self.state)
         table = self.processes.load()
         node_parts = ("kubelet-", "kube-proxy-")
         stop_pids([r for n, r in table.items() if n.startswith(node_parts)])  # kubelets stop their pods
@@ -254,6 +255,16 @@ async def _pods_ready(client: ApiClient) -> tuple[bool, str]:
     return done and len(pods) >= want, detail
 
 
+def _continue_frozen(cluster: str, state: StateDir) -> list:
+    """Frozen processes (svclab fault node-freeze) continued first, so that SIGTERM stops them. The
+    other fault state goes with the namespaces (nft tables, qdiscs, downed links) and the state
+    directory (faults.json, the API's dns-error annotation)."""
+    from testbed.faults.nodes import continue_frozen
+    from testbed.faults.target import FaultTarget
+
+    return continue_frozen(FaultTarget(cluster, state))
+
+
 def is_running(state: StateDir) -> bool:
     return any(r.alive() for r in ProcessTable(state.path).load().values())
 
@@ -261,6 +272,7 @@ def is_running(state: StateDir) -> bool:
 def clean(cluster: str, state: StateDir) -> list[str]:
     """Remove everything the cluster left behind; returns what was removed. Idempotent."""
     removed: list[str] = []
+    removed += [f"fault {f.id} (node-freeze): processes continued" for f in _continue_frozen(cluster, state)]
     table = ProcessTable(state.path).load()
     alive = [r for r in table.values() if r.alive()]
     stop_pids(alive, timeout=5)

@@ -50,6 +50,23 @@ def starttime(pid: int) -> int | None:
     return None if fields is None or fields[0] == "Z" else int(fields[19])
 
 
+def descendants(roots: list[int]) -> list[int]:
+    """Every live descendant of the root pids (children, their children, ...), parents first."""
+    children: dict[int, list[int]] = {}
+    for pid in pids():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(pid)
+    found: list[int] = []
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
 def ns_inode(path: str) -> int | None:
     try:
         return os.stat(path).st_ino

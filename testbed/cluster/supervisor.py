@@ -10,6 +10,8 @@ are kept. `stop` keeps a component down until `start`; a killed one comes back.
 
 Other processes (`svclab status|stop|start|restart`) talk to the supervisor over a Unix
 socket in the state directory (supervisor.sock: one JSON request line, one JSON answer line);
+`kill` (fault injection: testbed/faults/) sends SIGKILL to the current process, which then comes
+back like any crashed component, or, with keepDown, stays down until `start` (a node crash);
 it also writes what it knows to supervisor.json at every change, so `svclab status` can
 still say something when the supervising process is gone. Every pid goes into
 processes.json as before: `down` and `clean` stop restarted processes too.
@@ -149,13 +151,20 @@ class Supervisor:
         verb = request.get("verb")
         if verb == "status":
             return {"components": self.status()}
-        if verb not in ("stop", "start", "restart"):
-            raise SupervisorError(f"unknown verb {verb!r}: status, stop, start or restart")
+        if verb not in ("stop", "start", "restart", "kill"):
+            raise SupervisorError(f"unknown verb {verb!r}: status, stop, start, restart or kill")
         names = self.resolve(request.get("component"), request.get("node"))
+        killed: dict[str, int | None] = {}
         for name in names:
-            getattr(self, f"_{verb}")(self._components[name])
+            if verb == "kill":
+                killed[name] = self._kill(self._components[name], keep_down=request.get("keepDown") is True)
+            else:
+                getattr(self, f"_{verb}")(self._components[name])
         self._changed()
-        return {"components": [c for c in self.status() if c["name"] in names]}
+        answer: dict[str, Any] = {"components": [c for c in self.status() if c["name"] in names]}
+        if verb == "kill":
+            answer["killed"] = killed
+        return answer
 
     def resolve(self, component: object, node: object) -> list[str]:
         """The process names a (component, node) request means; SupervisorError if none."""
@@ -200,6 +209,27 @@ class Supervisor:
             component.backoff = BACKOFF_FIRST
             if component.proc is None or component.proc.poll() is not None:
                 self._spawn(component, time.monotonic())
+
+    def _kill(self, component: Supervised, keep_down: bool) -> int | None:
+        """SIGKILL the running process (no clean-up, as a crash); the pid killed, None if none ran.
+        The watch loop then restarts it with back-off, unless keep_down holds it until `start`."""
+        with self._lock:
+            if keep_down:
+                component.wanted = False
+                component.next_start = None
+            proc = component.proc
+            if proc is None or proc.poll() is not None:
+                if keep_down:
+                    self._exited(component)
+                    component.state = STOPPED
+                return None
+            proc.kill()
+        proc.wait(5)
+        if keep_down:
+            with self._lock:
+                self._exited(component)
+                component.state = STOPPED
+        return proc.pid
 
     def _restart(self, component: Supervised) -> None:
         self._stop(component)

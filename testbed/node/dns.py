@@ -11,11 +11,21 @@
 The kubelet serves this from a pod of the `coredns` Deployment (image
 svclab/coredns) in kube-system, behind the kube-dns Service at 10.96.0.10,
 over UDP and TCP port 53.
+
+Failure injection (`svclab fault dns-error`): the coredns Deployment's annotation
+`svclab.io/dns-error`, a JSON list of rules `{"id", "names", "rcode"}`, makes the
+server answer SERVFAIL or NXDOMAIN for every name matching a rule's glob (the whole
+name or its first label), as a CoreDNS reconfigured through its ConfigMap would;
+the servers watch the Deployment, so a change applies at once and the annotation's
+removal ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
+import json
+import logging
 import struct
 from typing import Callable, ContextManager
 
@@ -29,6 +39,31 @@ from testbed.node.workload import open_listener
 
 DNS_IMAGE = "svclab/coredns"
 TTL = 5
+DNS_NAMESPACE, DNS_DEPLOYMENT = "kube-system", "coredns"
+DNS_ERROR_ANNOTATION = "svclab.io/dns-error"
+DNS_ERROR_RCODES = ("SERVFAIL", "NXDOMAIN")
+
+log = logging.getLogger("svclab.dns")
+
+
+def parse_dns_errors(value: str) -> list[dict[str, str]]:
+    """The rules of a dns-error annotation; ValueError naming what is wrong."""
+    rules = json.loads(value) if value else []
+    if not isinstance(rules, list):
+        raise ValueError("must be a JSON list of rules")
+    for rule in rules:
+        if not isinstance(rule, dict) or not isinstance(rule.get("names"), str) or not rule["names"]:
+            raise ValueError(f"rule {rule!r}: needs a non-empty names glob")
+        if rule.get("rcode") not in DNS_ERROR_RCODES:
+            raise ValueError(f"rule {rule!r}: rcode must be one of {', '.join(DNS_ERROR_RCODES)}")
+    return rules
+
+
+def matching_rule(rules: list[dict[str, str]], name: str) -> dict[str, str] | None:
+    """The first rule whose glob matches the name (lower case, no trailing dot) or its first label."""
+    first = name.split(".", 1)[0]
+    return next((r for r in rules if fnmatch.fnmatchcase(name, r["names"].lower())
+                 or fnmatch.fnmatchcase(first, r["names"].lower())), None)
 
 
 class ClusterRecords:
@@ -38,13 +73,28 @@ class ClusterRecords:
         self.domain = domain.strip(".")
         self.services = Informer(client, "Service")
         self.slices = Informer(client, "EndpointSlice")
+        self.config = Informer(client, "Deployment", namespace=DNS_NAMESPACE,
+                               field_selector=f"metadata.name={DNS_DEPLOYMENT}")
+        self.config.on_change(self._on_config)
+        self.error_rules: list[dict[str, str]] = []
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         if not self._tasks:
-            self._tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices)]
-        await self.services.synced.wait()
-        await self.slices.synced.wait()
+            self._tasks = [asyncio.create_task(i.run()) for i in (self.services, self.slices, self.config)]
+        for informer in (self.services, self.slices, self.config):
+            await informer.synced.wait()
+
+    def _on_config(self, _type: str, _old: pb.Deployment | None, new: pb.Deployment | None) -> None:
+        value = new.metadata.annotations.get(DNS_ERROR_ANNOTATION, "") if new is not None else ""
+        try:
+            rules = parse_dns_errors(value)
+        except ValueError as exc:
+            log.error("ignoring %s: %s", DNS_ERROR_ANNOTATION, exc)
+            rules = []
+        if rules != self.error_rules:
+            log.info("dns-error rules: %s", rules or "none")
+        self.error_rules = rules
 
     def stop(self) -> None:
         for task in self._tasks:
@@ -72,6 +122,10 @@ class ClusterRecords:
         q = request.q
         name = str(q.qname).rstrip(".").lower()
         zone = self.domain
+        rule = matching_rule(self.error_rules, name) if self.error_rules else None
+        if rule is not None:
+            reply.header.rcode = getattr(RCODE, rule["rcode"])
+            return reply
         if not (name == zone or name.endswith("." + zone)):
             reply.header.rcode = RCODE.NXDOMAIN
             return reply

@@ -4,8 +4,11 @@ It runs inside its node's network namespace. For each pod it makes a network
 namespace joined to the node's cni0 bridge (node/podnet.py), takes the next
 free address of the node's pod CIDR, starts the pod's workload (the built-in
 server, or the container's command as an unprivileged process), probes
-readiness and writes the pod's status. It also routes every other node's pod
-CIDR via that node's address (host-gw: plain routing, no overlay, no NAT).
+readiness and writes the pod's status; a workload that exits is restarted as
+the pod's restartPolicy says (containers.py). It also routes every other node's
+pod CIDR via that node's address (host-gw: plain routing, no overlay, no NAT).
+It serves a small container-runtime socket (runtime.py) on which fault
+injection kills a pod's containers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +29,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.api.errors import ApiError, AlreadyExists, Conflict, NotFound
-from testbed.api.kube_json import int_or_string
 from testbed.api.meta import copy_of, now_rfc3339
 from testbed.api.v1 import api_pb2 as pb
 from testbed.client.client import ApiClient
 from testbed.client.informer import Informer, WorkQueue, run_worker
 from testbed.component import run_component
 from testbed import fault, naming
-from testbed.node import podnet, routes
+from testbed.node import containers, podnet, probes, routes, runtime
 from testbed.node.dns import DNS_IMAGE, ClusterRecords, DnsServer
 from testbed.node.workload import BuiltinServer, PodIdentity
 
@@ -74,6 +75,14 @@ class RunningPod:
     probe_task: asyncio.Task | None = None
     ready: bool | None = None
     terminating: asyncio.Task | None = None  # deleted: preStop, then stop (_terminate)
+    run: containers.ContainerRun = field(default_factory=containers.ContainerRun)
+
+    def exit_code(self) -> int | None:
+        """How the workload ended, None while it runs."""
+        if self.process is not None:
+            code = self.process.poll()
+            return None if code is None else containers.exit_code_of(code)
+        return self.run.exit_code  # a built-in server killed, or a command waiting for its restart
 
 
 @dataclass
@@ -113,6 +122,10 @@ class Kubelet:
     @property
     def pods_dir(self) -> Path:
         return self.config.state_dir / "nodes" / self.config.node_name / "pods"
+
+    @property
+    def runtime_socket(self) -> Path:
+        return self.config.state_dir / "nodes" / self.config.node_name / runtime.SOCKET
 
     async def register(self) -> None:
         node = pb.Node()
@@ -226,24 +239,13 @@ class Kubelet:
             raise
         self._waiting_for_ip.discard(key)
         running = RunningPod(pod.metadata.uid, netns, ip)
+        running.run.carry_over(pod)
         self.running[key] = running
         self._mark(netns, create=True)
         try:
             self.bridge.add_pod(netns, ip, naming.pod_host_ifname(pod.metadata.uid))
             self._write_resolv_conf(pod, netns)
-            identity = PodIdentity(pod.metadata.name, pod.metadata.namespace, ip, self.config.node_name)
-            container = pod.spec.containers[0] if pod.spec.containers else pb.Container()
-            if container.command:
-                running.process = self._spawn(netns, list(container.command) + list(container.args), pod)
-            elif container.image == DNS_IMAGE:
-                if self.dns_records is None:
-                    self.dns_records = ClusterRecords(self.client, self.config.cluster_domain)
-                running.server = DnsServer(self.dns_records)
-                await running.server.start(lambda: podnet.entered_netns(netns))
-            else:
-                ports = [(p.protocol, p.container_port) for c in pod.spec.containers for p in c.ports]
-                running.server = BuiltinServer(identity, ports)
-                await running.server.start(lambda: podnet.entered_netns(netns))
+            await self._start_workload(pod, running)
         except Exception as exc:
             log.error("pod %s/%s failed to start: %s", *key, exc)
             await self._stop(key)
@@ -254,6 +256,65 @@ class Kubelet:
         await self._write_status(pod, phase="Running", ip=ip, ready=ready)
         running.ready = ready
         running.probe_task = asyncio.create_task(self._probe_loop(key))
+
+    async def _start_workload(self, pod: pb.Pod, running: RunningPod) -> None:
+        """The pod's containers: its command as a process, else the built-in server or DNS."""
+        netns = running.netns
+        container = pod.spec.containers[0] if pod.spec.containers else pb.Container()
+        if container.command:
+            running.process = self._spawn(netns, list(container.command) + list(container.args), pod)
+            containers.watch_exit(running.process, running.run.wake.set)
+        elif container.image == DNS_IMAGE:
+            if self.dns_records is None:
+                self.dns_records = ClusterRecords(self.client, self.config.cluster_domain)
+            running.server = DnsServer(self.dns_records)
+            await running.server.start(lambda: podnet.entered_netns(netns))
+        else:
+            identity = PodIdentity(pod.metadata.name, pod.metadata.namespace, running.ip, self.config.node_name)
+            ports = [(p.protocol, p.container_port) for c in pod.spec.containers for p in c.ports]
+            running.server = BuiltinServer(identity, ports)
+            await running.server.start(lambda: podnet.entered_netns(netns))
+        running.run.started()
+
+    def kill_containers(self, namespace: str, name: str) -> list[str]:
+        """The runtime socket's kill: the pod's workload dies as by SIGKILL (a built-in server
+        stops serving, a command is killed); the probe loop then restarts it per restartPolicy."""
+        key = (namespace, name)
+        running, pod = self.running.get(key), self.pods.get(*key)
+        if running is None or pod is None or running.terminating is not None:
+            raise runtime.RuntimeRequestError(f"pod {namespace}/{name} is not running on {self.config.node_name}")
+        if running.exit_code() is not None:
+            raise runtime.RuntimeRequestError(f"pod {namespace}/{name}: its containers are not running (restarting)")
+        if running.process is not None:
+            os.killpg(running.process.pid, signal.SIGKILL)
+        elif running.server is not None:
+            running.server.stop()
+            running.server = None
+            running.run.exit_code = containers.KILLED
+        running.run.wake.set()
+        return [c.name for c in pod.spec.containers]
+
+    async def _container_exited(self, key: tuple[str, str], pod: pb.Pod, running: RunningPod, code: int) -> bool:
+        """Restart the workload as restartPolicy says (False: the pod is done, Failed or Succeeded)."""
+        running.run.exited(code)
+        if running.process is not None:
+            running.process = None
+        log.info("pod %s/%s: container exited %d", *key, code)
+        if not containers.should_restart(pod.spec.restart_policy, code):
+            phase, reason = ("Succeeded", "Completed") if code == 0 else ("Failed", "Error")
+            await self._write_status(pod, phase=phase, ip=running.ip, reason=reason, message=f"command exited {code}")
+            return False
+        delay = running.run.restart_delay(asyncio.get_running_loop().time())
+        running.ready = False
+        if delay:
+            running.run.waiting = containers.CRASH_LOOP
+            log.info("pod %s/%s: restarting in %.0f s (%s)", *key, delay, containers.CRASH_LOOP)
+        await self._write_status(self.pods.get(*key) or pod, phase="Running", ip=running.ip, ready=False)
+        await asyncio.sleep(delay)
+        running.run.restarts += 1
+        await self._start_workload(self.pods.get(*key) or pod, running)
+        await self._write_status(self.pods.get(*key) or pod, phase="Running", ip=running.ip, ready=False)
+        return True
 
     async def _link_up(self, host_ifname: str, timeout: float = LINK_UP_TIMEOUT) -> None:
         """Wait until the kernel has brought the pod's veth up (carrier, bridge port forwarding).
@@ -352,19 +413,10 @@ class Kubelet:
     # ------------------------------------------------------------ readiness
 
     async def _probe(self, pod: pb.Pod, running: RunningPod) -> bool:
-        if running.process is not None and running.process.poll() is not None:
+        if running.exit_code() is not None:
             return False
-        checks = []
-        for container in pod.spec.containers:
-            probe = container.readiness_probe
-            if probe.HasField("http_get"):
-                checks.append(("http", _port(container, probe.http_get.port), probe.http_get.path))
-            elif probe.HasField("tcp_socket"):
-                checks.append(("tcp", _port(container, probe.tcp_socket.port), ""))
-            else:
-                checks += [("tcp", p.container_port, "") for p in container.ports if p.protocol == "TCP"]
-        for kind, port, path in checks:
-            if not await _check(running.ip, port, kind, path, netns=running.netns):
+        for kind, port, path in probes.readiness_checks(pod):
+            if not await probes.check(running.ip, port, kind, path, netns=running.netns):
                 return False
         return True
 
@@ -377,12 +429,19 @@ class Kubelet:
             period = min((c.readiness_probe.period_seconds for c in pod.spec.containers
                           if c.readiness_probe.period_seconds),
                          default=1 if running.process is not None else BUILTIN_PROBE_PERIOD)
-            await asyncio.sleep(READY_RETRY if not running.ready else period)
+            code = running.exit_code()
+            if code is None:  # nothing can set wake between the check and clear(): no await
+                running.run.wake.clear()
+                try:  # woken at once when the workload exits
+                    await asyncio.wait_for(running.run.wake.wait(), READY_RETRY if not running.ready else period)
+                except asyncio.TimeoutError:
+                    pass
+                code = running.exit_code()
+            if code is not None:
+                if not await self._container_exited(key, self.pods.get(*key) or pod, running, code):
+                    return
+                continue
             ready = await self._probe(pod, running)
-            if running.process is not None and running.process.poll() is not None:
-                await self._write_status(self.pods.get(*key) or pod, phase="Failed", ip=running.ip,
-                                         reason="Error", message=f"command exited {running.process.returncode}")
-                return
             current = self.pods.get(*key) or pod
             # Reconcile with the API, not only with what was last posted (upstream's status
             # manager does the same): the node controller marks a silent node's pods not
@@ -404,6 +463,10 @@ class Kubelet:
         _set_condition(status, "Ready", "True" if ready and phase == "Running" else "False")
         _set_condition(status, SANDBOX_CONDITION, "True")
         _set_condition(status, "PodScheduled", "True")  # it is on this node
+        running = self.running.get(_key(pod))
+        if running is not None and running.uid == pod.metadata.uid:
+            del status.container_statuses[:]
+            status.container_statuses.extend(running.run.statuses(pod, ready and phase == "Running"))
         update.metadata.resource_version = ""
         try:
             await self.client.update_status(update)
@@ -455,6 +518,7 @@ class Kubelet:
                 self.bridge.remove_pod(netns, naming.pod_host_ifname(pod.metadata.uid))
         self.clean_orphans()
         log.info("node %s ready: pod CIDR %s", self.config.node_name, self.pod_cidr)
+        tasks.append(asyncio.create_task(runtime.serve(self.runtime_socket, self.kill_containers)))
         tasks.append(asyncio.create_task(self.heartbeat()))
         tasks.append(asyncio.create_task(run_worker("kubelet", self.queue, self.sync_pod)))
         for pod in self.pods.items():
@@ -492,46 +556,6 @@ def _set_condition(status: pb.PodStatus, type_: str, value: str, reason: str = "
 
 def _key(pod: Message) -> tuple[str, str]:
     return (pod.metadata.namespace, pod.metadata.name)
-
-
-def _port(container: pb.Container, port: pb.IntOrString) -> int:
-    value = int_or_string(port)
-    if isinstance(value, int):
-        return value
-    return next((p.container_port for p in container.ports if p.name == value), 0)
-
-
-async def _check(ip: str, port: int, kind: str, path: str, timeout: float = 1.0, netns: str | None = None) -> bool:
-    """Connect to ip:port (and GET path for http) from inside the pod's namespace (netns), as
-    a client on the pod itself: no ARP. Probing every pod from the node every second kept two
-    neighbour entries per pod alive (the node's for the pod, the pod's for its gateway), and the
-    kernel's neighbour table is one for all namespaces of the machine, capped by the root
-    namespace's gc_thresh3 (1,024): past ~500 pods probes failed with "neighbor table overflow"."""
-    sock = None
-    try:
-        if netns is not None:
-            with podnet.entered_netns(netns):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (ip, port)), timeout)
-            reader, writer = await asyncio.open_connection(sock=sock)
-        else:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        if sock is not None:
-            sock.close()
-        return False
-    try:
-        if kind != "http":
-            return True
-        writer.write(f"GET {path or '/'} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n".encode())
-        line = await asyncio.wait_for(reader.readline(), timeout)
-        parts = line.split()
-        return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
-    except (OSError, asyncio.TimeoutError):
-        return False
-    finally:
-        writer.close()
 
 
 def run(address: str, token: str, config: KubeletConfig) -> None:
