@@ -53,7 +53,8 @@ def component(lab: LabCluster, name: str) -> dict:
     return next(c for c in status(lab)["components"] if c["name"] == name)
 
 
-def wait_for(what: str, check, timeout: float = 20.0):
+def wait_for(what: str, check, timeout: float = 20.0, interval: float = 0.1):
+    """check()'s first true result, polled until the deadline (AssertionError naming `what` after it)."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -61,7 +62,7 @@ def wait_for(what: str, check, timeout: float = 20.0):
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(interval)
 
 
 def curl(lab: LabCluster, url: str) -> dict | None:

@@ -104,6 +104,27 @@ def test_stop_keeps_it_down_until_start(tmp_path):
     sup._stop(sup._components["apiserver"])
 
 
+def test_kill_is_a_crash_that_comes_back_or_with_keep_down_stays_down(tmp_path):
+    sup = make(tmp_path)
+    first = sup.start("apiserver", good_argv(tmp_path)).pid
+    answer = sup.handle({"verb": "kill", "component": "apiserver"})
+    assert answer["killed"] == {"apiserver": first}
+    sup.tick(time.monotonic())  # the watch loop sees the exit: a restart is scheduled, as after any crash
+    item = status(sup, "apiserver")
+    assert item["state"] == RESTARTING and item["lastExit"] == "killed by SIGKILL"
+    sup.tick(time.monotonic() + BACKOFF_FIRST * 2)
+    second = status(sup, "apiserver")["pid"]
+    assert status(sup, "apiserver")["state"] == RUNNING and status(sup, "apiserver")["restarts"] == 1
+    assert second not in (None, first)
+    answer = sup.handle({"verb": "kill", "component": "apiserver", "keepDown": True})
+    assert answer["killed"] == {"apiserver": second} and answer["components"][0]["state"] == STOPPED
+    sup.tick(time.monotonic() + 3600)
+    assert status(sup, "apiserver")["state"] == STOPPED and status(sup, "apiserver")["lastExit"] == "killed by SIGKILL"
+    assert sup.handle({"verb": "kill", "component": "apiserver"})["killed"] == {"apiserver": None}  # nothing ran
+    assert sup.handle({"verb": "start", "component": "apiserver"})["components"][0]["state"] == RUNNING
+    sup._stop(sup._components["apiserver"])
+
+
 def test_control_socket_answers_and_refuses_bad_requests_changing_nothing(tmp_path):
     sup = make(tmp_path)
     pid = sup.start("apiserver", good_argv(tmp_path)).pid

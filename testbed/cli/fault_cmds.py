@@ -76,22 +76,22 @@ def partition(target: Target, groups: tuple[str, ...], direction: str, mode: str
     _show(_run(target, faults.partition, [g.split(",") for g in groups], direction, mode))
 
 
-@fault.command()
-@click.argument("target_host", metavar="TARGET")
-@click.argument("percent", type=float)
-@pass_target
-def loss(target: Target, target_host: str, percent: float) -> None:
-    """Lose PERCENT % of the packets each way on TARGET's links (node1.., client, gw)."""
-    _show(_run(target, faults.loss, target_host, percent))
+def _value_command(name: str, action: Callable[..., Any], value: str, kind: Any, help_text: str) -> click.Command:
+    """`svclab fault NAME TARGET VALUE` (loss, bandwidth)."""
+    @click.command(name=name, help=help_text)
+    @click.argument("target_host", metavar="TARGET")
+    @click.argument("value", metavar=value, type=kind)
+    @pass_target
+    def command(target: Target, target_host: str, value: Any) -> None:
+        _show(_run(target, action, target_host, value))
+
+    return command
 
 
-@fault.command()
-@click.argument("target_host", metavar="TARGET")
-@click.argument("rate")
-@pass_target
-def bandwidth(target: Target, target_host: str, rate: str) -> None:
-    """Limit TARGET's links to RATE each way (tc units: 1mbit, 500kbit, 2mbps)."""
-    _show(_run(target, faults.bandwidth, target_host, rate))
+fault.add_command(_value_command("loss", faults.loss, "PERCENT", float,
+                                 "Lose PERCENT % of the packets each way on TARGET's links (node1.., client, gw)."))
+fault.add_command(_value_command("bandwidth", faults.bandwidth, "RATE", str,
+                                 "Limit TARGET's links to RATE each way (tc units: 1mbit, 500kbit, 2mbps)."))
 
 
 @fault.command()
@@ -104,39 +104,29 @@ def delay(target: Target, target_host: str, delay: str, jitter: str) -> None:
     _show(_run(target, faults.delay, target_host, delay, jitter))
 
 
-def _host_command(name: str, action: Callable[..., Any], help_text: str) -> click.Command:
+def _one_target_command(name: str, action: Callable[..., Any], metavar: str, help_text: str) -> click.Command:
+    """`svclab fault NAME TARGET|NODE` (links, nodes, flushes)."""
     @click.command(name=name, help=help_text)
-    @click.argument("target_host", metavar="TARGET")
+    @click.argument("host", metavar=metavar)
     @pass_target
-    def command(target: Target, target_host: str) -> None:
-        result = _run(target, action, target_host)
-        _show(result) if result else click.echo("nothing to undo")
-
-    return command
-
-
-def _node_command(name: str, action: Callable[..., Any], help_text: str) -> click.Command:
-    @click.command(name=name, help=help_text)
-    @click.argument("node")
-    @pass_target
-    def command(target: Target, node: str) -> None:
-        result = _run(target, action, node)
+    def command(target: Target, host: str) -> None:
+        result = _run(target, action, host)
         _show(result) if result else click.echo("nothing to undo")
 
     return command
 
 
 for _command in (
-    _host_command("link-down", faults.link_down, "Take TARGET's links down (inside its namespace) until link-up or heal."),
-    _host_command("link-up", faults.link_up, "Bring TARGET's links and their routes back."),
-    _node_command("node-crash", faults.node_crash,
+    _one_target_command("link-down", faults.link_down, "TARGET", "Take TARGET's links down (inside its namespace) until link-up or heal."),
+    _one_target_command("link-up", faults.link_up, "TARGET", "Bring TARGET's links and their routes back."),
+    _one_target_command("node-crash", faults.node_crash, "NODE",
                   "Crash NODE: kubelet and kube-proxy SIGKILLed and kept down, pod processes killed, links down."),
-    _node_command("node-recover", faults.node_recover, "Links of NODE up, its kubelet and kube-proxy started again."),
-    _node_command("node-freeze", faults.node_freeze, "SIGSTOP NODE's kubelet, kube-proxy and pod processes."),
-    _node_command("node-thaw", faults.node_thaw, "SIGCONT what node-freeze stopped."),
-    _node_command("flush-rules", faults.flush_rules,
+    _one_target_command("node-recover", faults.node_recover, "NODE", "Links of NODE up, its kubelet and kube-proxy started again."),
+    _one_target_command("node-freeze", faults.node_freeze, "NODE", "SIGSTOP NODE's kubelet, kube-proxy and pod processes."),
+    _one_target_command("node-thaw", faults.node_thaw, "NODE", "SIGCONT what node-freeze stopped."),
+    _one_target_command("flush-rules", faults.flush_rules, "NODE",
                   "Flush NODE's kube-proxy rules (iptables -t nat -F / nft flush table ip kube-proxy)."),
-    _node_command("flush-conntrack", faults.flush_conntrack, "Empty NODE's conntrack table (conntrack -F)."),
+    _one_target_command("flush-conntrack", faults.flush_conntrack, "NODE", "Empty NODE's conntrack table (conntrack -F)."),
 ):
     fault.add_command(_command)
 

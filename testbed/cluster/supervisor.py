@@ -316,10 +316,11 @@ class Supervisor:
         return [line[:300] for line in lines[-LOG_TAIL_LINES:]]
 
     def _changed(self) -> None:
-        tmp = self.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"updated": time.time(), "supervisorPid": os.getpid(),
-                                   "components": self.status()}, indent=1))
-        os.replace(tmp, self.status_path)
+        with self._lock:  # the watch loop and a control request may both write: one tmp file at a time
+            tmp = self.status_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"updated": time.time(), "supervisorPid": os.getpid(),
+                                       "components": self.status()}, indent=1))
+            os.replace(tmp, self.status_path)
         self.on_change()
 
 

@@ -22,11 +22,13 @@ WAY_BACK = {"component-stop": "component-start", "node-crash": "node-recover", "
 
 def list_faults(cluster: FaultTarget) -> list[Fault]:
     """The faults in force, oldest first."""
+    cluster.topology()  # FaultError if the cluster is not running
     return FaultStore(cluster.faults_file).load()
 
 
 def heal(cluster: FaultTarget, ids: list[str] | None = None) -> list[Fault]:
     """Undo the network faults (all, or those with these ids); returns what was undone."""
+    cluster.topology()  # FaultError if the cluster is not running
     with FaultStore(cluster.faults_file).changing() as changes:
         if ids:
             known = {f.id: f for f in changes.faults}

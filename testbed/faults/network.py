@@ -157,7 +157,8 @@ def bandwidth(cluster: FaultTarget, target: str, rate: str) -> Fault:
     bits = shaping.parse_rate(rate)
     _no_shaping(cluster, h.name, "bandwidth")
     _replace_older(cluster, "bandwidth", h.name, undo_shaping)
-    fault = Fault("bandwidth", {"target": h.name, "rate": rate}, undo={"netns": h.netns, "links": list(h.links)},
+    fault = Fault("bandwidth", {"target": h.name, "rate": str(rate), "bitsPerSecond": bits},
+                  undo={"netns": h.netns, "links": list(h.links)},
                   summary=f"bandwidth {rate} on {h.name} ({', '.join(h.links)}, both ways)")
     return _applying(cluster, fault, lambda f: shaping.shape(h.netns, cluster.cluster, h.links, bits), undo_shaping)
 
@@ -185,9 +186,9 @@ def delay(cluster: FaultTarget, target: str, delay: str, jitter: str = "0ms") ->
         raise FaultError("delay", shaping.NETEM_ADVICE)
     _no_shaping(cluster, h.name, "delay")
     _replace_older(cluster, "delay", h.name, undo_shaping)
-    fault = Fault("delay", {"target": h.name, "delay": delay, "jitter": jitter},
+    fault = Fault("delay", {"target": h.name, "delayMs": delay_ms, "jitterMs": jitter_ms},
                   undo={"netns": h.netns, "links": list(h.links)},
-                  summary=f"delay {delay} (jitter {jitter}) on what {h.name} sends")
+                  summary=f"delay {delay_ms:g} ms (jitter {jitter_ms:g} ms) on what {h.name} sends")
     return _applying(cluster, fault, lambda f: shaping.add_delay(h.netns, h.links, delay_ms, jitter_ms),
                      undo_shaping)
 
@@ -240,7 +241,7 @@ def link_flap(cluster: FaultTarget, target: str, count: int = 3, interval: str |
         held = _links_held(changes, h.name) + changes.find("link-flap", target=h.name)
         if held:
             raise FaultError("target", f"{h.name}'s links are held already ({held[0].id} {held[0].kind})")
-        fault = changes.add(Fault("link-flap", {"target": h.name, "count": count, "interval": interval},
+        fault = changes.add(Fault("link-flap", {"target": h.name, "count": count, "interval": seconds},
                                   undo={"netns": h.netns, "links": list(h.links), "routes": []},
                                   summary=f"links of {h.name} flapping {count} x {interval}"))
     thread = threading.Thread(target=_flap, args=(cluster, h, fault, count, seconds), name=f"flap-{h.name}")

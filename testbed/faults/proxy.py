@@ -7,7 +7,7 @@ kube-proxy's own monitor notices within a second and resyncs in full (docs/kube-
 
 from __future__ import annotations
 
-from testbed.cluster.processes import ProcessTable
+from testbed.cluster.proxy_readback import NodeProxy
 from testbed.faults.state import Fault
 from testbed.faults.target import FaultTarget, in_netns
 from testbed.proxy.nftables.names import TABLE as NFT_TABLE
@@ -15,15 +15,10 @@ from testbed.proxy.nftables.names import TABLE as NFT_TABLE
 FLUSH = {"iptables": ["iptables", "-w", "-t", "nat", "-F"], "nftables": ["nft", "flush", "table", "ip", NFT_TABLE]}
 
 
-def proxy_mode(cluster: FaultTarget, node: str) -> str:
-    recorded = ProcessTable(cluster.state.path).load().get(f"kube-proxy-{node}")
-    return (recorded.flag("--proxy-mode") if recorded else None) or "iptables"  # kube-proxy's default
-
-
 def flush_rules(cluster: FaultTarget, node: str) -> Fault:
     """Flush the node's kube-proxy rules (its nat table, or its nftables table); no waiting for the repair."""
     host = cluster.host(cluster.check_node(node), field="node")
-    mode = proxy_mode(cluster, host.name)
+    mode = NodeProxy(cluster.cluster, cluster.state.path, host.name).mode()
     argv = FLUSH.get(mode, FLUSH["iptables"])
     in_netns(host.netns, argv)
     return Fault("flush-rules", {"node": host.name, "mode": mode}, summary=f"{host.name}: {' '.join(argv)}")

@@ -3,34 +3,32 @@
 Everything stays inside the host's namespace. Bandwidth is shaped both ways: a tbf qdisc on
 the egress of each link, and the link's ingress redirected (u32 + mirred, both in this kernel)
 to an ifb device of the host whose egress has the same tbf. Delay needs sch_netem, which this
-kernel lacks: delay() checks for it first, in a throwaway namespace, and says where it works.
+kernel lacks: delay() checks the kernel's config first, as scenario validation does, and says
+where it works.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-import subprocess
-
 from testbed.faults.target import FaultError, in_netns
+from testbed.scenario.kernel import WHERE_IT_WORKS, KernelFeatures
+from testbed.scenario.units import Bandwidth
 
+MIN_RATE, MAX_RATE = 8_000, 10_000_000_000  # below a few frames per second tbf is useless; above, a no-op
 TBF_LATENCY = "100ms"  # how long a packet may wait in the bucket before tbf drops it
 MIN_BURST_BYTES = 4096  # at least a few full-size frames, whatever the rate
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|bps|kbps|mbps|gbps)$")
-_SCALE = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}
-NETEM_ADVICE = ("delay and jitter need a kernel with sch_netem, which this kernel lacks; they work on the "
-                "stock-kernel VM tier (vng, docs/testing.md) and in the Vagrant lab (Vagrantfile)")
+NETEM_ADVICE = f"delay and jitter need a kernel with sch_netem, which this one lacks; they work on {WHERE_IT_WORKS}"
 
 
 def parse_rate(text: object, field: str = "rate") -> int:
-    """tc's rate units (1mbit, 500kbit, 2mbps = bytes/s) -> bits per second; FaultError naming `field`."""
-    match = _RATE.match(str(text).strip().lower()) if isinstance(text, str) else None
-    if match is None:
-        raise FaultError(field, f"invalid rate {text!r} (e.g. 1mbit, 500kbit, 10mbit, 2mbps)")
-    bits = float(match.group(1)) * _SCALE[match.group(2)]
-    if not 8_000 <= bits <= 10e9:
+    """tc's rate units (1mbit, 500kbit, 2mbps = bytes/s; a units.Bandwidth too) -> bits per second;
+    FaultError naming `field`."""
+    try:
+        bits = Bandwidth.parse(text).bits_per_second
+    except ValueError as exc:
+        raise FaultError(field, str(exc)) from None
+    if not MIN_RATE <= bits <= MAX_RATE:
         raise FaultError(field, f"rate {text!r} is out of range (8kbit to 10gbit)")
-    return int(bits)
+    return bits
 
 
 def ifb_name(cluster: str, index: int) -> str:
@@ -88,12 +86,9 @@ def qdiscs(netns: str, links: tuple[str, ...]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
 def netem_available() -> bool:
-    """Can this kernel add a netem qdisc? Tried on the loopback of a throwaway namespace."""
-    result = subprocess.run(["unshare", "--net", "--", "tc", "qdisc", "add", "dev", "lo", "root", "netem",
-                             "delay", "1ms"], capture_output=True, text=True)
-    return result.returncode == 0
+    """What scenario validation reads too (the kernel's config, testbed/scenario/kernel.py)."""
+    return KernelFeatures.detect().netem
 
 
 def add_delay(netns: str, links: tuple[str, ...], delay_ms: float, jitter_ms: float) -> None:

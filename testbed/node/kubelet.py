@@ -302,7 +302,9 @@ class Kubelet:
         log.info("pod %s/%s: container exited %d", *key, code)
         if not containers.should_restart(pod.spec.restart_policy, code):
             phase, reason = ("Succeeded", "Completed") if code == 0 else ("Failed", "Error")
-            await self._write_status(pod, phase=phase, ip=running.ip, reason=reason, message=f"command exited {code}")
+            while not await self._write_status(self.pods.get(*key) or pod, phase=phase, ip=running.ip, reason=reason,
+                                               message=f"command exited {code}"):
+                await asyncio.sleep(1)  # the pod's end must be posted: nothing posts it later
             return False
         delay = running.run.restart_delay(asyncio.get_running_loop().time())
         running.ready = False
@@ -446,12 +448,13 @@ class Kubelet:
             # Reconcile with the API, not only with what was last posted (upstream's status
             # manager does the same): the node controller marks a silent node's pods not
             # ready, and a kubelet back from a stall must put its own verdict back.
-            if ready != running.ready or _posted_ready(current) != ready:
+            if ready != running.ready or not _posted(current, running, ready):
                 running.ready = ready
                 await self._write_status(current, phase="Running", ip=running.ip, ready=ready)
 
     async def _write_status(self, pod: pb.Pod, phase: str, ip: str = "", ready: bool = False,
-                            reason: str = "", message: str = "") -> None:
+                            reason: str = "", message: str = "") -> bool:
+        """Post the pod's status; False if the write failed (logged; the caller may try again)."""
         update = copy_of(pod)
         status = update.status
         status.phase, status.reason, status.message = phase, reason, message
@@ -472,6 +475,10 @@ class Kubelet:
             await self.client.update_status(update)
         except NotFound:
             pass
+        except ApiError as exc:  # the API server away or just back: the probe loop posts it again
+            log.warning("pod %s/%s: writing its status failed: %s", *_key(pod), exc.message)
+            return False
+        return True
 
     async def _write_sandbox_failure(self, pod: pb.Pod, message: str) -> None:
         """Pending (ContainerCreating) with PodReadyToStartContainers=False naming the reason,
@@ -543,8 +550,12 @@ def _pod_addresses(cidr: ipaddress.IPv4Network) -> tuple[str, ...]:
     return tuple(str(host) for host in cidr.hosts())[1:]
 
 
-def _posted_ready(pod: pb.Pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)
+def _posted(pod: pb.Pod, running: RunningPod, ready: bool) -> bool:
+    """Does the API hold what this kubelet last meant to post (a write may have failed)?"""
+    posted_ready = any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions)
+    restarts = max((c.restart_count for c in pod.status.container_statuses), default=0)
+    return (posted_ready == ready and pod.status.phase == "Running" and pod.status.pod_ip == running.ip
+            and restarts == running.run.restarts)
 
 
 def _set_condition(status: pb.PodStatus, type_: str, value: str, reason: str = "", message: str = "") -> None:
