@@ -7,8 +7,10 @@ action (convergence.py): for actions whose effect is a new set of endpoints (sca
 pod-delete, rollout, apply, delete, node-crash) the API's endpoints changed and the node's
 rules send to the new set; for pod-kill and node-freeze (endpoints go and come back) the
 node's kube-proxy applied an endpoint change since; for the others (a restart, a flush of
-its rules, a network fault) it completed a sync since. Nodes whose kube-proxy is held down by
-a fault in force (node-crash, node-freeze, component-stop) are not watched.
+its rules, a network fault) it completed a sync since. An action on one node's kube-proxy (its
+restart, a flush of its rules, the node's recovery) is watched on that node; the others on
+every node but those whose kube-proxy a fault in force holds down (node-crash, node-freeze,
+component-stop).
 
 rules: each node's rules read once, RULES_LEAD_S before the window's end (planned: by the
 planned time of the action it names; an end at a `when:` action is read just before it).
@@ -58,6 +60,18 @@ class Watch:
     thread: threading.Thread | None = None
     result: Convergence | None = None
     error: str = ""
+
+
+def _own_node(step: PlannedAction) -> str | None:
+    """The one node whose kube-proxy an action restarts or repairs (its convergence is that node's
+    alone): kube-proxy's component-kill/stop/start on a node, flush-rules, node-recover, node-thaw."""
+    action = step.action
+    node = getattr(action, "node", None)
+    if step.kind in ("flush-rules", "node-recover", "node-thaw"):
+        return node
+    if step.kind.startswith("component-") and action.component == "kube-proxy":
+        return node
+    return None
 
 
 def held_down(target: faults.FaultTarget) -> set[str]:
@@ -112,12 +126,12 @@ class Observer:
     def after_action(self, step: PlannedAction, action_t: float) -> None:
         for watch in self.watches:
             if watch.action == step.position and watch.check is not None:
-                self._start_watch(watch, step.label, action_t)
+                self._start_watch(watch, step.label, action_t, _own_node(step))
 
-    def _start_watch(self, watch: Watch, label: str, action_t: float) -> None:
+    def _start_watch(self, watch: Watch, label: str, action_t: float, node: str | None = None) -> None:
         limit = self.scenario.assertions[watch.assertion].converged_within
         try:
-            nodes = sorted(set(self.target.node_names()) - held_down(self.target))
+            nodes = [node] if node else sorted(set(self.target.node_names()) - held_down(self.target))
         except (OSError, ValueError) as exc:
             watch.error = f"nodes to watch: {exc}"
             return

@@ -122,7 +122,7 @@ class Resolver:
             raise Unresolved(f"to: {exc}") from None
         return GeneratorSpec(spec.name, netns, target, rate=spec.rate, stop=spec.stop if spec.stop is not None else duration,
                              start=spec.start, protocol=spec.kind, connections=spec.connections, timeout=spec.timeout,
-                             source=source)
+                             pool=spec.pool or 1, source=source)
 
 
 def generator_specs(scenario: Scenario, resolver: Resolver) -> list[GeneratorSpec]:
