@@ -13,6 +13,7 @@ import click
 from testbed.scenario.loader import ScenarioError, load_scenario
 
 EXIT_NOT_RUN = 2  # runner.EXIT_NOT_RUN (not imported here: `svclab validate` stays light)
+TABLE_WIDTH = 160  # the assertions table's width when stdout is not a terminal
 
 
 @click.command()
@@ -105,7 +106,7 @@ def _report(outcome, directory: Path) -> None:
     from testbed.scenario.report import write_report
 
     files = write_report(outcome.report, directory)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH)  # logs: whole names, few wraps
     print_assertions({run.mode: run.assertions for run in outcome.report.runs}, console,
                      title=f"{outcome.report.scenario} (seed {outcome.report.seed})")
     for run in outcome.report.runs:

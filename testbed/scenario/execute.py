@@ -151,8 +151,9 @@ def rollout(ctx: ActionContext, step: PlannedAction) -> dict:
     return {"restartedAt": restarted} if action.template is None else {}
 
 
-def select_pods(ctx: ActionContext, step: PlannedAction) -> list[PodInfo]:
-    """The pods a pod-delete / pod-kill acts on: its pod, or those of its selector its pick draws."""
+def select_pods(ctx: ActionContext, step: PlannedAction) -> tuple[list[PodInfo], list[str]]:
+    """The pods a pod-delete / pod-kill acts on (its pod, or those of its selector its pick
+    draws), and the names it chose among, sorted as the seeded pick draws from them."""
     action: A.PodSelection = step.action
     namespace = _namespace(action)
     if action.pod is not None:
@@ -167,23 +168,23 @@ def select_pods(ctx: ActionContext, step: PlannedAction) -> list[PodInfo]:
     infos = {p.name: p for p in ctx.pods.add(pods)}
     chosen = [infos[name] for name in step.choose(infos)]
     ctx.picks[step.position] = chosen
-    return chosen
+    return chosen, sorted(infos)
 
 
 def pod_delete(ctx: ActionContext, step: PlannedAction) -> dict:
-    chosen = select_pods(ctx, step)
+    chosen, candidates = select_pods(ctx, step)
 
     async def run(client) -> None:
         for pod in chosen:
             await client.delete("Pod", pod.name, pod.namespace)
     ctx.live.call(run)
-    return {"pods": [p.to_json() for p in chosen]}
+    return {"pods": [p.to_json() for p in chosen], "candidates": candidates}
 
 
 def pod_kill(ctx: ActionContext, step: PlannedAction) -> dict:
-    chosen = select_pods(ctx, step)
+    chosen, candidates = select_pods(ctx, step)
     done = [faults.pod_kill(ctx.target, p.name, p.namespace).summary for p in chosen]
-    return {"pods": [p.to_json() for p in chosen], "summary": "; ".join(done)}
+    return {"pods": [p.to_json() for p in chosen], "candidates": candidates, "summary": "; ".join(done)}
 
 
 # ---- nodes and components ------------------------------------------------------------------------
