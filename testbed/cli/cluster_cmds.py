@@ -72,6 +72,13 @@ def _up_foreground(config: ClusterConfig, target: Target, manifests, timeout: fl
     except ClusterError as exc:
         fail(str(exc))
     click.echo(_summary_text(config, summary))
+    ready_file = os.environ.get("SVCLAB_READY_FILE")
+    hold(cluster, interactive, on_hold=(lambda: Path(ready_file).touch()) if ready_file else None)
+
+
+def hold(cluster, interactive: bool, on_hold=None) -> None:
+    """Keep a started cluster up until `svclab down` (SIGTERM), Ctrl-C or, in a terminal, the
+    exit of its shell; then stop it. This process becomes the cluster's `up`, which down signals."""
     stop = {"now": False}
 
     def request_stop(*_):
@@ -80,9 +87,8 @@ def _up_foreground(config: ClusterConfig, target: Target, manifests, timeout: fl
     signal.signal(signal.SIGTERM, request_stop)
     cluster.processes.record("up", os.getpid())  # what `svclab down` signals
     try:
-        ready_file = os.environ.get("SVCLAB_READY_FILE")
-        if ready_file:  # a detached `svclab up` waits for this
-            Path(ready_file).touch()
+        if on_hold is not None:  # a detached `svclab up` waits for its ready file
+            on_hold()
         if interactive:
             from testbed.cluster.shell import ClusterShell
             ClusterShell(cluster).run()
@@ -92,7 +98,9 @@ def _up_foreground(config: ClusterConfig, target: Target, manifests, timeout: fl
     except KeyboardInterrupt:
         pass
     finally:
-        click.echo(f"Deleting cluster \"{config.name}\" ...", err=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the teardown short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        click.echo(f"Deleting cluster \"{cluster.config.name}\" ...", err=True)
         cluster.stop()
 
 

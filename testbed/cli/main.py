@@ -30,5 +30,5 @@ for command in (objects.apply, objects.get, objects.describe_cmd, objects.delete
                 components.kubelet, components.cloud_controller, components.lb_controller,
                 cluster_cmds.up, cluster_cmds.demo, cluster_cmds.down, cluster_cmds.clean_cmd, cluster_cmds.exec_cmd,
                 cluster_cmds.rules, supervise_cmds.status, supervise_cmds.stop, supervise_cmds.start,
-                supervise_cmds.restart, scenario_cmds.validate, fault_cmds.fault):
+                supervise_cmds.restart, scenario_cmds.validate, scenario_cmds.run, fault_cmds.fault):
     cli.add_command(command)

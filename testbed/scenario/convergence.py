@@ -8,10 +8,14 @@ is a callable node -> bool built by one of:
 - change_applied(proxies): the node's kube-proxy saw an endpoint change after the action
   (its endpoint-changes counter passed the value read when the check was built, i.e. at
   the action) and has nothing pending (its last sync applied it). For actions that change
-  endpoints: scale, pod-delete, rollout, node-crash.
+  endpoints and back again: pod-kill, node-freeze.
 - synced_since(proxies, wall_time): a sync completed after wall_time with nothing pending.
   For actions after which kube-proxy must write its rules again: component-start,
   flush-rules, a restart.
+- endpoints_applied(proxies, current, before): the API's ready endpoints changed from those
+  before the action, and the node's rules send to every current one and none of those that
+  left, nothing pending. For actions whose effect is a new set of endpoints: scale,
+  pod-delete, rollout, apply, delete, node-crash (its pods leave after the grace period).
 - rules_match(proxies, contain, lack): the node's rules mention every endpoint of
   `contain` and none of `lack` ("10.244.1.5:8080").
 
@@ -83,6 +87,30 @@ def rules_match(proxies: Mapping[str, NodeProxy], contain: Collection[str] = (),
         except Exception:  # a dump that fails (the node's tools, its namespace gone) is no answer
             return False
         return all(rules_mention(text, e) for e in contain) and not any(rules_mention(text, e) for e in lack)
+    return check
+
+
+def endpoints_applied(proxies: Mapping[str, NodeProxy], current: Callable[[], Collection[str]],
+                      before: Collection[str], cache_s: float = 0.1) -> Check:
+    """Build at the action, with `before` the API's ready endpoints ("ip:port") just before it:
+    the API's endpoints have changed since (the action took effect: pods started, left or were
+    replaced), the node's rules send to every current one and to none of those that left, and its
+    kube-proxy has nothing pending. For actions whose effect is a new set of endpoints: scale,
+    pod-delete, rollout, apply, delete, node-crash (after the grace period)."""
+    before_set = set(before)
+    seen: dict[str, object] = {"at": -1.0, "endpoints": before_set}
+
+    def endpoints() -> set[str]:
+        if time.monotonic() - seen["at"] > cache_s:  # one API read per poll round, not per node
+            seen["endpoints"], seen["at"] = set(current()), time.monotonic()
+        return seen["endpoints"]
+
+    def check(node: str) -> bool:
+        now = endpoints()
+        if now == before_set:
+            return False
+        metrics = _metrics_or_none(proxies[node])
+        return metrics is not None and _idle(metrics) and rules_match(proxies, now, before_set - now)(node)
     return check
 
 

@@ -78,7 +78,8 @@ class ClusterSpec(Strict):
 
 class TrafficSpec(Strict):
     """A named traffic generator: requests from a host (client, nodeN, pod:<name or selector>) to
-    an address, at a fixed rate, from start to stop (default: the whole run)."""
+    an address, at a fixed rate, from start to stop (default: the whole run). keepalive: `pool`
+    connections (default 1) kept open and used round robin."""
 
     name: Name
     source: HostValue = Field(alias="from")
@@ -86,6 +87,7 @@ class TrafficSpec(Strict):
     protocol: Literal["http", "tcp", "udp"] | None = None
     rate: Rate
     connections: Literal["new", "keepalive"] = "new"
+    pool: int | None = Field(default=None, ge=1, le=64)
     timeout: PositiveDuration = 1.0
     start: Duration = 0.0
     stop: Duration | None = None
@@ -105,6 +107,8 @@ class TrafficSpec(Strict):
             raise ValueError(f"to: {self.destination!r}: protocol http takes a URL (http://host[:port]/path)")
         if self.connections == "keepalive" and self.protocol == "udp":
             raise ValueError("connections: keepalive is for tcp and http (udp has no connections)")
+        if self.pool is not None and self.connections != "keepalive":
+            raise ValueError("pool: how many kept connections, with connections: keepalive only")
         return self
 
     @property

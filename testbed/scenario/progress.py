@@ -62,6 +62,8 @@ class ScenarioProgress:
         if self._live is not None:
             self._live.__exit__(*exc)
             self._live = None
+            if not self.console.is_terminal:  # Live leaves its last line open there
+                self.console.line()
 
 
 def _verdict(result: AssertionResult | None) -> Text:
