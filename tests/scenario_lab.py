@@ -7,6 +7,7 @@ nft tables and qdiscs outside the namespaces, cgroups named after the cluster).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -43,7 +44,8 @@ class Run:
 
     def start(self) -> "Run":
         argv = self.command("run", str(self.file), "--name", self.name, "--report", str(self.report), *self.args)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # the table at its log width
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         return self

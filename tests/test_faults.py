@@ -30,7 +30,7 @@ from tests.conftest import REPO
 from tests.fault_traffic import connect, dns_rcode, echo_server, echoes, http_get, outcome, transfer_seconds, \
     udp_delivered
 from tests.netns import inside
-from tests.test_cluster import LabCluster, cluster_name, leftovers, netns_inodes
+from tests.test_cluster import LabCluster, cluster_name, cluster_processes, leftovers
 from tests.test_supervision import wait_for
 
 pytestmark = pytest.mark.cluster
@@ -372,9 +372,9 @@ def test_down_removes_every_fault_state(lab):
     faults.dns_error(t, "frontend-*")
     frozen = faults.node_freeze(t, "node3").undo["pids"]
     assert len(faults.leftovers(t)) >= 4  # tables and qdiscs are there
-    inodes = netns_inodes(lab.name)
+    processes = cluster_processes(lab.name)
     started = time.monotonic()
     lab.svclab("down", timeout=120)
     assert time.monotonic() - started < 30  # frozen processes were continued, not waited for
-    assert not leftovers(lab.name, lab.state, inodes)
+    assert not leftovers(lab.name, lab.state, processes)
     assert all(procfs.starttime(pid) != started for pid, started in frozen)  # the frozen processes are gone

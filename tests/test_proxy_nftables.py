@@ -670,24 +670,55 @@ def test_kernel_backend_partial_sync_and_repair(netns):
 
 
 @needs_kernel
-def test_kernel_failed_sync_forces_a_replace(netns):
+def test_kernel_after_a_failed_sync_the_table_is_taken_over_as_found(netns):
+    """A failed write leaves the backend not knowing the table: the next sync takes it over as
+    the kernel holds it (listing it, rewriting it in place: same handle, affinity entries kept),
+    as upstream's full syncs do, instead of replacing it."""
     node = netns.add("node")
     services, slices = golden_objects()
     tracker = tracked(services, slices)
     backend = NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR))
     with inside(node):
         backend.sync(tracker.state, None)
+        handle = table_handle(nft.TABLE)
         # a stale chain it means to delete vanishes behind its back: the sync deleting it fails
         tracker.on_service("DELETED", services[1], None)
         backend.sync(tracker.state, tracker.take())
         nft_in(node, "delete", "chain", "ip", "kube-proxy", names("ns2").external)
+        sticky = aff("ns5", "10.244.1.6")
+        nft_in(node, "add", "element", "ip", "kube-proxy", sticky, "{ 10.244.9.9 }")
         with pytest.raises(Exception, match="nft -f"):
             backend.sync(tracker.state, None)
         assert backend.needs_full_sync()
         backend.sync(tracker.state, None)
+        assert not backend.last_script.startswith("add table ip kube-proxy\ndelete table")
+        assert table_handle(nft.TABLE) == handle and not backend.needs_full_sync()
+    assert not any(chain.endswith(names("ns2").base) for chain in listed(node)[0])
+    assert "10.244.9.9" in nft_in(node, "list", "set", "ip", "kube-proxy", sticky).stdout
+    assert listed(node)[0] == listed_after_a_fresh_load(netns, tracker.state)[0]
+
+
+@needs_kernel
+def test_kernel_a_table_no_takeover_can_fix_is_replaced(netns):
+    """An object in the table that clashes with one of ours (a map of another type under our
+    name) makes every takeover fail: after TAKEOVER_TRIES failed writes the table is replaced."""
+    from testbed.proxy.nftables.backend import TAKEOVER_TRIES
+
+    node = netns.add("node")
+    services, slices = golden_objects()
+    tracker = tracked(services, slices)
+    nft_in(node, "add", "table", "ip", "kube-proxy")
+    nft_in(node, "add", "set", "ip", "kube-proxy", "cluster-ips", "{ type inet_service ; }")  # ours: ipv4_addr
+    backend = NftablesBackend(NodeSettings(NODE, CLUSTER_CIDR))
+    with inside(node):
+        for _ in range(TAKEOVER_TRIES):
+            with pytest.raises(Exception, match="nft -f"):
+                backend.sync(tracker.state, None)
+            assert not backend.last_script.startswith("add table ip kube-proxy\ndelete table")
+        backend.sync(tracker.state, None)
         assert backend.last_script.startswith("add table ip kube-proxy\ndelete table ip kube-proxy\n")
         assert not backend.needs_full_sync()
-    assert not any(chain.endswith(names("ns2").base) for chain in listed(node)[0])
+    assert listed(node)[0] == listed_after_a_fresh_load(netns, tracker.state)[0]
 
 
 @needs_kernel

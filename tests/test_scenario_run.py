@@ -127,3 +127,24 @@ def test_two_modes_run_side_by_side_and_the_seed_decides_the_pick(tmp_path):
     step = resolve_timeline(load_scenario(scenario).with_seed(11))[0]
     expected = ["a", "b", "c"].index(step.choose(["a", "b", "c"])[0])
     assert picks == [expected, expected], (picks, report["runs"][0]["actions"])
+
+
+@pytest.mark.parametrize("timeline, message", [
+    ("  - {name: never, when: \"pods(app=nothing) >= 1\", timeout: 1s, action: heal}\n",
+     "timeline[0] never: when: pods(app=nothing) >= 1 did not hold within timeout 1s"),
+    ("  - {name: nobody, at: 1s, action: pod-delete, selector: app=nothing}\n",
+     "timeline[0] nobody (pod-delete) at 1."),
+], ids=["when-times-out", "action-fails"])
+def test_a_timeline_that_cannot_go_on_exits_2_and_says_why(tmp_path, timeline, message):
+    text = SMALL.replace("DURATION", "6s").replace("cluster: {nodes: 2}", "cluster: {nodes: 1}")
+    text = text[:text.index("timeline:\n") + len("timeline:\n")] + timeline + text[text.index("assertions:"):]
+    run = run_to_end(tmp_path, write(tmp_path, "stuck.yaml", text))
+    assert run.proc.returncode == 2, run.output()
+    assert not run.left(), run.left()
+    error = check_report(run)["runs"][0]["error"]
+    assert error.startswith(message) and error in run.stderr, (error, run.stderr[-2000:])
+    if "pod-delete" in message:
+        assert "selector: no pod matches app=nothing" in error
+        assert run.json()["runs"][0]["actions"][0]["ok"] is False
+    else:
+        assert "last: pods(app=nothing) = 0" in error

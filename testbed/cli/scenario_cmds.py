@@ -106,7 +106,8 @@ def _report(outcome, directory: Path) -> None:
     from testbed.scenario.report import write_report
 
     files = write_report(outcome.report, directory)
-    console = Console(width=None if sys.stdout.isatty() else TABLE_WIDTH)  # logs: whole names, few wraps
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ  # else a log: whole names, few wraps
+    console = Console(width=None if wide else TABLE_WIDTH)
     print_assertions({run.mode: run.assertions for run in outcome.report.runs}, console,
                      title=f"{outcome.report.scenario} (seed {outcome.report.seed})")
     for run in outcome.report.runs:

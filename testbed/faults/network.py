@@ -16,6 +16,7 @@ from testbed.cluster.config import parse_duration
 from testbed.faults import links, nft, shaping
 from testbed.faults.state import Changes, Fault, FaultStore
 from testbed.faults.target import FaultError, FaultTarget, Host
+from testbed.scenario.units import Bandwidth
 
 MAX_FLAPS = 1000
 
@@ -150,7 +151,7 @@ def _no_shaping(cluster: FaultTarget, host: str, kind: str) -> None:
         raise FaultError("target", f"{host} has a {other} fault ({held[0].id}): heal it first (one qdisc per link)")
 
 
-def bandwidth(cluster: FaultTarget, target: str, rate: str) -> Fault:
+def bandwidth(cluster: FaultTarget, target: str, rate: str | Bandwidth) -> Fault:
     """Limit the host's links to `rate` (tc units: 1mbit, 500kbit), each way (tbf; ifb for the
     ingress); replaces a bandwidth the host had."""
     h = cluster.host(target)
@@ -177,7 +178,7 @@ def _duration_ms(value: object, field: str) -> float:
     return round(seconds * 1000, 3)
 
 
-def delay(cluster: FaultTarget, target: str, delay: str, jitter: str = "0ms") -> Fault:
+def delay(cluster: FaultTarget, target: str, delay: str | float, jitter: str | float = "0ms") -> Fault:
     """Delay what leaves the host's links by `delay` (+- `jitter`) with netem; FaultError naming
     where it works if this kernel has no sch_netem (it has not here)."""
     h = cluster.host(target)

@@ -23,7 +23,6 @@ from testbed.faults.api import update_retrying
 from testbed.scenario import actions as A
 from testbed.scenario.live import DEFAULT_NAMESPACE, Live, PodBook, PodInfo, active
 from testbed.scenario.plan import ActionIndex, PlannedAction, UnknownReference
-from testbed.scenario.units import format_duration
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout restart` sets
 TRIGGER_KEYS = {"name", "at", "after", "when", "timeout", "action"}
@@ -217,7 +216,7 @@ def _component(fn: Callable[..., Any]) -> Executor:
 
 def link_flap(ctx: ActionContext, step: PlannedAction) -> dict:
     action: A.LinkFlap = step.action
-    return _summary(faults.link_flap(ctx.target, action.target, action.count, format_duration(action.interval)))
+    return _summary(faults.link_flap(ctx.target, action.target, action.count, action.interval))
 
 
 def partition(ctx: ActionContext, step: PlannedAction) -> dict:
@@ -230,13 +229,12 @@ def loss(ctx: ActionContext, step: PlannedAction) -> dict:
 
 
 def bandwidth(ctx: ActionContext, step: PlannedAction) -> dict:
-    return _summary(faults.bandwidth(ctx.target, step.action.target, str(step.action.rate)))
+    return _summary(faults.bandwidth(ctx.target, step.action.target, step.action.rate))
 
 
 def delay(ctx: ActionContext, step: PlannedAction) -> dict:
     action: A.Delay = step.action
-    return _summary(faults.delay(ctx.target, action.target, format_duration(action.delay),
-                                 format_duration(action.jitter)))
+    return _summary(faults.delay(ctx.target, action.target, action.delay, action.jitter))
 
 
 def _on(fn: Callable[..., Any], key: str) -> Executor:

@@ -151,6 +151,9 @@ class ModeRun:
                 self.observer.finish(5)
                 self.results = self._judge()
         extra = dict(self.extra)
+        died = [g.spec.name for g in generators if g.summary is None]
+        if died:  # e.g. a probe in a pod of a crashed node dies with the pod
+            extra["generators_without_summary"] = died
         if self.observer is not None:
             extra.update(self.observer.to_json())
         if self.ctx is not None:

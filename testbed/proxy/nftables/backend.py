@@ -1,11 +1,13 @@
 """The nftables backend: renders with proxy.nftables, applies each sync with one `nft -f`.
 
 It keeps what it programmed (nftables.Programmed) to compute the next partial sync, and
-forgets it when a write fails, so the next sync replaces the table. The first sync of a process
-takes over the table a previous kube-proxy left (upstream does too): it flushes and rewrites it
-in place, deleting the chains and affinity sets no Service uses, instead of replacing it, so a
-restart keeps the table, its chains and sets, and the affinity sets' entries (ClientIP clients
-stay on their endpoint). needs_full_sync() asks the
+forgets it when a write fails or the table changed behind its back. A sync that knows nothing
+(a new process, or after such a failure) takes over the table as the kernel holds it, as
+upstream's full syncs do: it lists the chains and sets, flushes and rewrites the table in place
+and deletes what no Service uses, instead of replacing it, so a restart, or a Service whose
+rules the kernel refuses, keeps the table, its chains and sets, and the affinity sets' entries
+(ClientIP clients stay on their endpoint). After TAKEOVER_TRIES failed writes in a row the
+table is replaced instead. needs_full_sync() asks the
 kernel two small netlink questions (proxy/nfnetlink.py) instead of listing the table: is
 `ip kube-proxy` still the table this backend made (its handle), and does mark-for-masquerade
 still hold its rule (a `flush table` or `flush ruleset` by someone else empties it).
@@ -25,6 +27,11 @@ from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
 
+# Writes that may fail in a row before the table is replaced instead of taken over: a takeover
+# keeps affinity entries, but an object in the table that clashes with ours (a set of another
+# type under our name) would make every takeover fail.
+TAKEOVER_TRIES = 2
+
 
 class NftablesBackend:
     name = "nftables"
@@ -35,7 +42,7 @@ class NftablesBackend:
         self.node_name = settings.node_name
         self._programmed: nft.Programmed | None = None  # None: the kernel's content is unknown
         self._table_handle: int | None = None
-        self._adopt = True  # the first sync takes over what a previous kube-proxy left
+        self._failed_writes = 0  # in a row; see sync()
         self.last_script = ""  # the last script applied or attempted (for logs and tests)
 
     def needs_full_sync(self) -> bool:
@@ -57,15 +64,19 @@ class NftablesBackend:
     def sync(self, state: ProxyState, changed: set[ServicePortName] | None) -> dict[str, int]:
         """Apply the state (changed=None: in full); returns the rules and elements in the table."""
         previous = self._programmed
-        if previous is None and self._adopt:
-            previous = self._left_by_a_previous_kube_proxy()
+        if previous is None:  # unknown content: take over what the kernel holds, as found
+            previous = self._left_by_a_previous_kube_proxy() if self._failed_writes < TAKEOVER_TRIES else None
             changed = None
-        self._adopt = False  # from now on a failed write means: replace the table
         result = nft.render(state, changed, previous, self.config)
         self.last_script = result.script
         if result.script:  # a partial sync of changes that cancel out writes nothing
             self._programmed = None  # unknown until the write succeeded
-            kernel.run(["nft", "-f", "-"], result.script)
+            try:
+                kernel.run(["nft", "-f", "-"], result.script)
+            except kernel.RulesFailed:
+                self._failed_writes += 1
+                raise
+        self._failed_writes = 0
         self._programmed = result.programmed
         if result.full:
             self._table_handle = nfnetlink.table_handle(nft.TABLE)
