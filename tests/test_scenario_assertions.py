@@ -114,6 +114,11 @@ def test_balance_chi_square_and_tolerance():
     short = A.balance("four", "web", even, ALL, pod_count=4, tolerance=0.5)
     assert not short.passed and "(missing 1) 0" in short.measured and short.expected.endswith("over 4 pods")
     assert not A.balance("two", "web", even, ALL, pod_count=2).passed
+    # pods: 1: every answer from one pod (ClientIP affinity); a second pod answering fails
+    assert A.balance("sticky", "web", steady(50, pods=("p1",)), ALL, pod_count=1).passed
+    assert A.balance("sticky", "web", steady(50, pods=("p1",)), ALL, pod_count=1, tolerance=0.1).passed
+    leak = A.balance("leak", "web", steady(49, pods=("p1",)) + steady(1, pods=("p2",)), ALL, pod_count=1)
+    assert not leak.passed and leak.measured == "2 pods answered (p1 49, p2 1)"
 
 
 def test_client_ip_preserved_or_masqueraded():

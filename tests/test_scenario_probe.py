@@ -15,12 +15,13 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import asdict
 
 import pytest
 
 from testbed import simplehttp
 from testbed.node.workload import BuiltinServer, PodIdentity
-from testbed.scenario.traffic import Generator, GeneratorSpec, Traffic
+from testbed.scenario.traffic import Generator, GeneratorSpec, Traffic, with_source_ports
 
 pytestmark = pytest.mark.kernel
 
@@ -287,3 +288,39 @@ def test_generator_spec_refuses_what_cannot_run():
     spec = GeneratorSpec("g", "", "http://x/", rate=20, start=1, stop=3.5)
     assert spec.planned == 50 and spec.inflight_limit == 36
     assert GeneratorSpec("g", "", "http://x/", rate=3, stop=1).planned == 3  # at 0, 1/3, 2/3
+
+
+def test_generators_of_one_namespace_bind_disjoint_source_ports(tmp_path, loop):
+    """Two generators of one namespace (the client's, in a scenario) each bind their own slice
+    of the ephemeral ports, in turn, so that none of their connections shares a 4-tuple with the
+    other's once a load balancer's DNAT makes their destinations one (traffic.with_source_ports)."""
+    port = free_port()
+    server = builtin(loop, port)
+    udp = free_port(socket.SOCK_DGRAM)
+    server_udp = BuiltinServer(PodIdentity("web-1", "default", LOOP, "node1"), [("UDP", udp)])
+    loop.run(server_udp.start(contextlib.nullcontext))
+    specs = [GeneratorSpec("a", "", f"http://{LOOP}:{port}/", rate=40, stop=1),
+             GeneratorSpec("b", "", f"http://{LOOP}:{port}/", rate=40, stop=1),
+             GeneratorSpec("u", "", f"{LOOP}:{udp}", protocol="udp", rate=20, stop=1)]
+    summaries, records = run(tmp_path, *specs)
+    ranges = {}
+    for name in ("a", "b", "u"):
+        assert summaries[name].outcomes == {"ok": summaries[name].sent}, summaries[name]
+        ports = [int(r.source.rsplit(":", 1)[1]) for r in sorted(records[name], key=lambda r: r.t)]
+        ranges[name] = (min(ports), max(ports))
+        assert len(set(ports)) == len(ports) and ports == sorted(ports)  # a new port each, in turn
+    slices = sorted(ranges.values())
+    assert slices[0][0] >= 32768 and slices[0][1] < slices[1][0] and slices[1][1] < slices[2][0]
+    assert slices[2][1] <= 60999
+    loop.call(server.stop)
+    loop.call(server_udp.stop)
+
+
+def test_source_port_slices_only_for_a_shared_namespace():
+    specs = [GeneratorSpec("a", "ns1", "http://x/", rate=1, stop=1), GeneratorSpec("b", "ns1", "http://x/", rate=1, stop=1),
+             GeneratorSpec("c", "ns2", "http://x/", rate=1, stop=1)]
+    a, b, c = with_source_ports(specs)
+    assert a.source_ports == (32768, 46883) and b.source_ports == (46884, 60999) and c.source_ports is None
+    assert GeneratorSpec(**{**asdict(a), "source_ports": [1, 2]}).source_ports == (1, 2)  # read back from JSON
+    with pytest.raises(ValueError, match="source_ports"):
+        GeneratorSpec("d", "", "http://x/", rate=1, stop=1, source_ports=(70000, 70001))

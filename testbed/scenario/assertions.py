@@ -147,7 +147,8 @@ def balance(name: str, generator: str, records: list[Record], window: Window, *,
     must be at least `p_value` (default 0.001), or, with `tolerance`, every pod's count within
     that fraction of the mean (0.25: 1/n of the answers +- 25 %). Over the pods that answered,
     plus those of `pods` (names) that did not, or exactly `pod_count` pods (missing ones count 0;
-    more than that fails)."""
+    more than that fails). At least two pods must answer, unless pod_count is 1: then one pod
+    answering everything is the even share (session affinity), a second one fails."""
     counts = _balance_counts(records, window, pods, pod_count)
     shown = ", ".join(f"{pod} {n}" for pod, n in sorted(counts.items()))
     expected = (f"every pod within {tolerance:.0%} of the mean" if tolerance is not None
@@ -157,7 +158,7 @@ def balance(name: str, generator: str, records: list[Record], window: Window, *,
     total = sum(counts.values())
     if total == 0:
         return _empty(name, "balance", generator, expected, window, "answers")
-    if len(counts) < 2 or (pod_count and len(counts) > pod_count):
+    if len(counts) < min(2, pod_count or 2) or (pod_count and len(counts) > pod_count):
         return AssertionResult(name, "balance", generator, expected, f"{len(counts)} pods answered ({shown})", False,
                                window.text)
     mean = total / len(counts)

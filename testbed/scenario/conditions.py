@@ -5,7 +5,8 @@ against every node's kube-proxy: its metrics say nothing is pending and its rule
 every ready endpoint of every Service. serving() is what the runner waits for before the
 traffic starts: every Deployment's pods Ready, every Service with as many ready endpoints as
 Ready pods it selects, every LoadBalancer Service with an external IP that the cloud load
-balancer sends to every Ready node, and every node's kube-proxy converged.
+balancer sends to every Ready node (with externalTrafficPolicy Local: every Ready node that has
+a ready endpoint of it, as its health checks find), and every node's kube-proxy converged.
 """
 
 from __future__ import annotations
@@ -103,14 +104,15 @@ class ClusterState:
 
     def _services(self) -> list[str]:
         problems = []
-        ready_nodes = sorted(node_ip(n) for n in self.live.nodes() if is_ready(n))
+        ready_nodes = {n.metadata.name: node_ip(n) for n in self.live.nodes() if is_ready(n)}
         table = None
         for svc in self.live.list("Service", ""):
             ns, name = svc.metadata.namespace, svc.metadata.name
+            slices = self.live.slices(f"{ns}/{name}")
             if svc.spec.selector:
                 selected = [p for p in self.live.list("Pod", ns) if active(p) and is_ready(p)
                             and all(p.metadata.labels.get(k) == v for k, v in svc.spec.selector.items())]
-                have = ready_addresses(self.live.slices(f"{ns}/{name}"))
+                have = ready_addresses(slices)
                 if len(have) != len(selected):
                     problems.append(f"service {ns}/{name}: {len(have)}/{len(selected)} ready endpoints")
             if svc.spec.type == "LoadBalancer":
@@ -120,10 +122,21 @@ class ClusterState:
                     continue
                 table = table if table is not None else cloud_lb.published_table(self.state_dir).by_ip()
                 backends = sorted(table[ingress[0]].backends) if ingress[0] in table else []
-                if backends != ready_nodes:
+                wanted = _balanced_nodes(svc, slices, ready_nodes)
+                if backends != wanted:
                     problems.append(f"service {ns}/{name}: the load balancer sends to {len(backends)}/"
-                                    f"{len(ready_nodes)} nodes")
+                                    f"{len(wanted)} nodes")
         return problems
+
+
+def _balanced_nodes(svc, slices, ready_nodes: dict[str, str]) -> list[str]:
+    """The addresses of the nodes the load balancer should send a Service to: every Ready node,
+    or with externalTrafficPolicy Local those with a ready endpoint of it (the others fail the
+    health check of its healthCheckNodePort)."""
+    if svc.spec.external_traffic_policy != "Local":
+        return sorted(ready_nodes.values())
+    hosting = {e.node_name for eps in slices for e in eps.endpoints if e.conditions.ready}
+    return sorted(ip for node, ip in ready_nodes.items() if node in hosting)
 
 
 def wait_until(check, timeout: float, poll: float = SERVE_POLL_S) -> State:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import os
 import resource
@@ -77,10 +78,13 @@ class Probe:
         self.peak_inflight = 0
         self.outcomes: dict[str, int] = {}
         self.stopping = asyncio.Event()
+        # the source ports to bind, in turn (traffic.with_source_ports); None: the kernel picks
+        self.ports = (itertools.cycle(range(spec.source_ports[0], spec.source_ports[1] + 1))
+                      if spec.source_ports else None)
 
     async def _open(self, phase: Phase) -> Connection:
         self.attempts += 1
-        conn = await open_connection(self.target, self.attempts, phase)
+        conn = await open_connection(self.target, self.attempts, phase, self.ports)
         self.opened += 1
         return conn
 

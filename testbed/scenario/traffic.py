@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from testbed.scenario.records import Record, RecordTail, load_records
@@ -34,6 +34,7 @@ from testbed.scenario.wire import PROTOCOLS, Target
 CONNECTIONS = ("new", "keepalive")
 MAX_INFLIGHT = 2000
 DRAIN_GRACE_S = 1.0  # after the last request's timeout
+EPHEMERAL_PORTS = (32768, 60999)  # Linux's default net.ipv4.ip_local_port_range
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,11 @@ class GeneratorSpec:
     pool: int = 1  # keepalive: persistent connections, used round robin
     max_inflight: int = 0  # bound on requests in flight; 0: enough for rate x timeout
     source: str = ""  # as the scenario names it (client, node1, pod:web-7c9f-x2kqp): for reports
+    source_ports: tuple[int, int] | None = None  # (first, last) to bind, in turn; None: the kernel picks
 
     def __post_init__(self) -> None:
+        if self.source_ports is not None:  # a list, read back from JSON
+            object.__setattr__(self, "source_ports", tuple(self.source_ports))
         problems = []
         if self.protocol not in PROTOCOLS:
             problems.append(f"protocol {self.protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -67,6 +71,9 @@ class GeneratorSpec:
             problems.append(f"start {self.start!r} / stop {self.stop!r}: need 0 <= start < stop")
         if self.pool < 1 or self.max_inflight < 0:
             problems.append("pool must be >= 1 and max_inflight >= 0")
+        if self.source_ports is not None and not (len(self.source_ports) == 2
+                                                  and 1 <= self.source_ports[0] <= self.source_ports[1] <= 65535):
+            problems.append(f"source_ports {self.source_ports!r}: want (first, last) within 1-65535")
         try:
             Target.parse(self.target, self.protocol)
         except ValueError as exc:
@@ -221,6 +228,32 @@ class Generator:
             return ""
 
 
+def with_source_ports(specs: list[GeneratorSpec]) -> list[GeneratorSpec]:
+    """Generators that share a namespace get disjoint slices of the ephemeral ports to bind.
+
+    Left to the kernel, two generators of the client pick their ports per destination from
+    the same range, and a load balancer that DNATs without SNAT (the external IP) makes a
+    connection from client:P to the external IP arrive at a node as client:P to the node's
+    NodePort, the same 4-tuple as another generator's connection from client:P straight to
+    that NodePort. While the pod (or the node's conntrack) still holds the first in TIME_WAIT,
+    the second's SYN is not taken for a new connection and the client retries it 1 s later: a
+    timeout neither Service caused (measured before this: 2-3 of 200 requests straight to a
+    NodePort failed so, in most runs that also used the external IP)."""
+    by_netns: dict[str, list[int]] = {}
+    for i, spec in enumerate(specs):
+        if spec.source_ports is None:
+            by_netns.setdefault(spec.netns, []).append(i)
+    out = list(specs)
+    first, last = EPHEMERAL_PORTS
+    for members in by_netns.values():
+        if len(members) < 2:
+            continue
+        size = (last - first + 1) // len(members)
+        for k, i in enumerate(members):
+            out[i] = replace(specs[i], source_ports=(first + k * size, first + (k + 1) * size - 1))
+    return out
+
+
 class Traffic:
     """Several generators started together and always stopped (by pid) on leaving the block."""
 
@@ -228,7 +261,7 @@ class Traffic:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"generator names must be unique: {names}")
-        self.generators = {s.name: Generator(s, t0, out_dir) for s in specs}
+        self.generators = {s.name: Generator(s, t0, out_dir) for s in with_source_ports(specs)}
 
     def __enter__(self) -> "Traffic":
         try:

@@ -23,11 +23,13 @@ import os
 import socket
 import urllib.parse
 from dataclasses import dataclass
+from typing import Iterator
 
 OUTCOMES = ("ok", "refused", "timeout", "reset", "dns-error", "http-error", "error")
 PROTOCOLS = ("http", "tcp", "udp")
 UDP_PAYLOAD = b"svclab-probe\n"
 _UNREACHABLE = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNREFUSED}
+BIND_TRIES = 16
 
 
 class RequestFailed(Exception):
@@ -190,15 +192,47 @@ class UdpConnection(Connection):
         self.transport.close()
 
 
-async def open_connection(target: Target, conn_id: int, phase: Phase) -> Connection:
-    """A new connection to target (resolving its name first), bounded by the caller's timeout."""
-    if target.protocol == "udp":
-        ip = await resolve(target.host, target.port, socket.SOCK_DGRAM, phase)
-        phase.name = "connect"
-        transport, receiver = await asyncio.get_running_loop().create_datagram_endpoint(
-            _UdpReceiver, remote_addr=(ip, target.port))
-        return UdpConnection(conn_id, transport, receiver)
-    ip = await resolve(target.host, target.port, socket.SOCK_STREAM, phase)
+def bound_socket(kind: int, ports: Iterator[int]) -> socket.socket:
+    """A non-blocking socket bound to the next free port `ports` gives. SO_REUSEADDR: a port
+    whose last connection here is in TIME_WAIT may be bound again (connect() still refuses a
+    4-tuple in use)."""
+    for _ in range(BIND_TRIES):
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setblocking(False)
+        try:
+            sock.bind(("0.0.0.0", next(ports)))
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise RequestFailed("error", f"no free source port in {BIND_TRIES} tries")
+
+
+async def open_connection(target: Target, conn_id: int, phase: Phase,
+                          ports: Iterator[int] | None = None) -> Connection:
+    """A new connection to target (resolving its name first), bounded by the caller's timeout;
+    from the next free port of `ports` if given, else from one the kernel picks."""
+    loop = asyncio.get_running_loop()
+    kind = socket.SOCK_DGRAM if target.protocol == "udp" else socket.SOCK_STREAM
+    ip = await resolve(target.host, target.port, kind, phase)
     phase.name = "connect"
-    reader, writer = await asyncio.open_connection(ip, target.port)
+    if ports is None:
+        if kind == socket.SOCK_DGRAM:
+            transport, receiver = await loop.create_datagram_endpoint(_UdpReceiver, remote_addr=(ip, target.port))
+            return UdpConnection(conn_id, transport, receiver)
+        reader, writer = await asyncio.open_connection(ip, target.port)
+        return TcpConnection(conn_id, reader, writer)
+    sock = bound_socket(kind, ports)
+    try:
+        if kind == socket.SOCK_DGRAM:
+            sock.connect((ip, target.port))
+            transport, receiver = await loop.create_datagram_endpoint(_UdpReceiver, sock=sock)
+            return UdpConnection(conn_id, transport, receiver)
+        await loop.sock_connect(sock, (ip, target.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return TcpConnection(conn_id, reader, writer)
