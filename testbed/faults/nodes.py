@@ -134,20 +134,22 @@ def _pod_processes(cluster: FaultTarget, node: str) -> list[int]:
 
 
 def node_crash(cluster: FaultTarget, node: str) -> Fault:
-    """The node dies: kubelet and kube-proxy SIGKILLed and kept down, its pods' processes killed,
-    its links down, until node_recover."""
+    """The node dies: its links down, kubelet and kube-proxy SIGKILLed and kept down, its pods'
+    processes killed, until node_recover. Links first, as a power cut is silent at once: killed
+    first, its pods' servers would answer the connections still arriving with RSTs for the
+    moment the links stayed up (a client saw `refused`, not a timeout)."""
     name = cluster.check_node(node)
     host = cluster.host(name, field="node")
     with _store(cluster).changing() as changes:
         if changes.find("node-crash", node=name):
             raise FaultError("node", f"{name} is crashed already")
+        held = changes.find("link-down", target=name)
+        routes = links.down(host.netns, host.links) if not held else []
         killed = {}
         for component in NODE_COMPONENTS:
             answer = _supervisor(cluster, {"verb": "kill", "component": component, "node": name, "keepDown": True})
             killed.update(answer["killed"])
         pod_pids = [pid for pid in _pod_processes(cluster, name) if procfs.kill(pid)]
-        held = changes.find("link-down", target=name)
-        routes = links.down(host.netns, host.links) if not held else []
         return changes.add(Fault(
             "node-crash", {"node": name, "killed": killed, "podProcesses": pod_pids},
             undo={"netns": host.netns, "links": list(host.links), "routes": routes, "linksWereDown": bool(held)},
