@@ -174,7 +174,6 @@ def demo(ctx: click.Context) -> None:
 @pass_target
 def down(target: Target) -> None:
     """Tear the cluster down (every namespace, interface, bridge, process and file of it)."""
-    from testbed.cluster.lifecycle import clean
     from testbed.cluster.processes import ProcessTable
 
     supervisor = ProcessTable(target.state.path).load().get("up")
@@ -183,8 +182,17 @@ def down(target: Target) -> None:
         deadline = time.monotonic() + 60
         while supervisor.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
-    removed = clean(target.name, target.state) + _remove_up_files(target)
+    removed = _clean(target) + _remove_up_files(target)
     click.echo(f"cluster \"{target.name}\" deleted" if removed or supervisor else f"no cluster \"{target.name}\"")
+
+
+def _clean(target: Target) -> list[str]:
+    from testbed.cluster.lifecycle import ClusterError, clean
+
+    try:
+        return clean(target.name, target.state)
+    except ClusterError as exc:
+        fail(str(exc))
 
 
 def _remove_up_files(target: Target) -> list[str]:
@@ -201,11 +209,11 @@ def _remove_up_files(target: Target) -> list[str]:
 @pass_target
 def clean_cmd(target: Target) -> None:
     """Remove what a cluster whose processes died left behind (namespaces, bridges, processes, files)."""
-    from testbed.cluster.lifecycle import clean, is_running
+    from testbed.cluster.lifecycle import is_running
 
     if is_running(target.state):
         fail(f"cluster \"{target.name}\" is running; use `svclab down --name {target.name}`")
-    removed = clean(target.name, target.state) + _remove_up_files(target)
+    removed = _clean(target) + _remove_up_files(target)
     for item in removed:
         click.echo(f"removed {item}")
     if not removed:

@@ -238,7 +238,10 @@ class Cluster:
         if self.network is not None:
             self.network.stop()
             self.network = None
-        clean(self.config.name, self.state)
+        try:
+            clean(self.config.name, self.state)
+        except ClusterError as exc:  # everything else is gone; say what is left and how to finish
+            self.progress(f"error: {exc}")
 
 
 def _pods_ready_detail(pods: list[Message]) -> tuple[bool, str]:
@@ -294,6 +297,10 @@ def clean(cluster: str, state: StateDir) -> list[str]:
     result = netclean.clean(cluster, state.path)
     removed += [f"process {pid}" for pid in result.killed] + [f"bridge {b}" for b in result.bridges]
     removed += [f"interface {i}" for i in result.interfaces] + [f"netns {n}" for n in result.netns]
+    if result.bridges_left:  # keep the state: a later clean, once OVS answers, finishes the job
+        reason = next(iter(result.bridges_left.values()))
+        raise ClusterError(f"could not delete the OVS bridges {', '.join(result.bridges_left)} ({reason}); "
+                           "start Open vSwitch (make setup) and run `svclab clean` again")
     if state.path.exists():
         shutil.rmtree(state.path, ignore_errors=True)
         removed.append(f"state {state.path}")

@@ -95,6 +95,7 @@ class CleanResult:
     interfaces: list[str] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
     record_removed: bool = False
+    bridges_left: dict[str, str] = field(default_factory=dict)  # bridge -> why it could not be deleted
 
 
 def load_record(path: Path) -> dict[str, Any] | None:
@@ -153,10 +154,10 @@ def _delete_bridges(bridges: list[str], result: CleanResult) -> None:
     try:
         res = run(argv)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("ovs-vsctl del-br failed: %s", exc)
+        result.bridges_left = {b: str(exc) for b in bridges}
         return
     if res.returncode != 0:
-        log.warning("ovs-vsctl del-br failed: %s", res.stderr.strip())
+        result.bridges_left = {b: res.stderr.strip() for b in bridges}
     else:
         result.bridges = bridges
 
