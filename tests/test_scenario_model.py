@@ -100,10 +100,25 @@ def one_problem(tmp_path, old: str, new: str, kernel: KernelFeatures = HERE) -> 
 # ---------------------------------------------------------------------- the contract
 
 
-def test_the_contract_example_is_the_shipped_node_failure_scenario():
-    shipped = (REPO / "scenarios/node-failure.yaml").read_text()
-    assert yaml.safe_load(shipped) == yaml.safe_load(CONTRACT)
-    assert shipped.startswith("# node-failure:") and "What it teaches" in shipped
+def test_the_shipped_node_failure_scenario_is_the_contract_plus_its_cluster_policy_twin():
+    """The contract example with one line changed (frontend-lb's externalTrafficPolicy: Local,
+    without which its failoverWithin: 2s cannot hold: see the scenario's header) and the
+    contract's own Service, policy Cluster, added beside it with its generator and assertions."""
+    text = (REPO / "scenarios/node-failure.yaml").read_text()
+    assert text.startswith("# node-failure:") and "What it teaches" in text
+    shipped, contract = yaml.safe_load(text), yaml.safe_load(CONTRACT)
+    local, twin = yaml.safe_load_all(shipped["manifests"][1]["inline"])
+    written = yaml.safe_load(contract["manifests"][1]["inline"])
+    assert local["spec"].pop("externalTrafficPolicy") == "Local" and local == written
+    assert twin["metadata"]["name"] == "frontend-lb-cluster" and twin["spec"] == written["spec"]
+    web_cluster = shipped["traffic"].pop(1)
+    assert web_cluster == dict(contract["traffic"][0], name="web-cluster",
+                               to="http://${externalIP:frontend-lb-cluster}/")
+    added = shipped["assertions"][3:]
+    assert added and all(a["traffic"] == "web-cluster" for a in added)
+    del shipped["assertions"][3:]
+    shipped["manifests"][1] = contract["manifests"][1]
+    assert shipped == contract
 
 
 def test_the_contract_loads_as_written_and_plans_crash_at_10s_recover_at_25s(tmp_path):
