@@ -107,9 +107,11 @@ def _exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _forward_signals(target: list[int]) -> list[int]:
-    """Forward FORWARDED signals to target[0] once it is set; returns those that came before."""
+def _fork_forwarding(child, config: dict) -> int:  # child: (dict) -> None; no typing import at start
+    """Fork child(config) and forward FORWARDED signals to it, those that came before the fork
+    included (they are queued until its pid is known); returns its pid."""
     early: list[int] = []
+    target: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         if not target:
@@ -122,7 +124,13 @@ def _forward_signals(target: list[int]) -> list[int]:
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
-    return early
+    pid = os.fork()
+    if pid == 0:
+        child(config)
+    target.append(pid)
+    for signum in early:
+        os.kill(pid, signum)
+    return pid
 
 
 def _set_oom_score_adj(value: int) -> None:
@@ -170,14 +178,7 @@ def _run_init(config: dict) -> None:
     try:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        command: list[int] = []
-        early = _forward_signals(command)
-        pid = os.fork()
-        if pid == 0:
-            _exec_command(config)
-        command.append(pid)
-        for signum in early:
-            os.kill(pid, signum)
+        pid = _fork_forwarding(_exec_command, config)
         while True:
             try:
                 reaped, status = os.wait()
@@ -195,14 +196,7 @@ def main(argv: list[str]) -> int:
     config = _read_config(int(argv[1]))
     _enter_namespaces(config)
     _set_up_mounts(config)
-    init: list[int] = []
-    early = _forward_signals(init)
-    pid = os.fork()
-    if pid == 0:
-        _run_init(config)
-    init.append(pid)
-    for signum in early:
-        os.kill(pid, signum)
+    pid = _fork_forwarding(_run_init, config)
     _, status = os.waitpid(pid, 0)
     return _exit_code(status)
 

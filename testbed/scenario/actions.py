@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import Field, model_validator
 
@@ -94,6 +94,14 @@ class ActionBase(Strict):
             return Trigger("after", after=self.after)
         return Trigger("when", when=self.when, timeout=self.timeout)
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: object) -> None:
+        """Each action's kind is the one value its `action:` Literal takes."""
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get("action")
+        if field is not None:
+            (cls.kind,) = get_args(field.annotation)
+
     @property
     def label(self) -> str:
         """How reports name it: its name, else its kind."""
@@ -104,7 +112,6 @@ class ActionBase(Strict):
 
 
 class Apply(ActionBase):
-    kind = "apply"
     action: Literal["apply"]
     manifests: list[ManifestRef] = Field(min_length=1)
     namespace: str = ""
@@ -113,7 +120,6 @@ class Apply(ActionBase):
 class Delete(ActionBase):
     """Delete one object (`object: service/frontend-lb`, kubectl's kind/name) or what manifests define."""
 
-    kind = "delete"
     action: Literal["delete"]
     object: str | None = None
     manifests: list[ManifestRef] | None = Field(default=None, min_length=1)
@@ -127,7 +133,6 @@ class Delete(ActionBase):
 
 
 class Scale(ActionBase):
-    kind = "scale"
     action: Literal["scale"]
     deployment: str
     replicas: int = Field(ge=0)
@@ -139,7 +144,6 @@ class Rollout(ActionBase):
     spec.template (mappings key by key, containers by name); without it the rollout is a restart
     (as `kubectl rollout restart`: an annotation of the template changes)."""
 
-    kind = "rollout"
     action: Literal["rollout"]
     deployment: str
     template: dict[str, Any] | None = None
@@ -174,14 +178,12 @@ class PodSelection(ActionBase):
 
 
 class PodDelete(PodSelection):
-    kind = "pod-delete"
     action: Literal["pod-delete"]
 
 
 class PodKill(PodSelection):
     """The pods' containers die (SIGKILL); the kubelet restarts them as restartPolicy says."""
 
-    kind = "pod-kill"
     action: Literal["pod-kill"]
 
 
@@ -195,24 +197,20 @@ class NodeAction(ActionBase):
 class NodeCrash(NodeAction):
     """The node's kubelet and kube-proxy are killed and kept down, and its links go down."""
 
-    kind = "node-crash"
     action: Literal["node-crash"]
 
 
 class NodeRecover(NodeAction):
-    kind = "node-recover"
     action: Literal["node-recover"]
 
 
 class NodeFreeze(NodeAction):
     """SIGSTOP of the node's processes (its links stay up)."""
 
-    kind = "node-freeze"
     action: Literal["node-freeze"]
 
 
 class NodeThaw(NodeAction):
-    kind = "node-thaw"
     action: Literal["node-thaw"]
 
 
@@ -232,19 +230,16 @@ class ComponentAction(ActionBase):
 class ComponentKill(ComponentAction):
     """SIGKILL; supervision starts it again, as in a real cluster."""
 
-    kind = "component-kill"
     action: Literal["component-kill"]
 
 
 class ComponentStop(ComponentAction):
     """Stopped and kept down until component-start."""
 
-    kind = "component-stop"
     action: Literal["component-stop"]
 
 
 class ComponentStart(ComponentAction):
-    kind = "component-start"
     action: Literal["component-start"]
 
 
@@ -256,19 +251,16 @@ class LinkAction(ActionBase):
 
 
 class LinkDown(LinkAction):
-    kind = "link-down"
     action: Literal["link-down"]
 
 
 class LinkUp(LinkAction):
-    kind = "link-up"
     action: Literal["link-up"]
 
 
 class LinkFlap(LinkAction):
     """count times: the link down for interval, then up for interval."""
 
-    kind = "link-flap"
     action: Literal["link-flap"]
     count: int = Field(default=3, ge=1)
     interval: PositiveDuration = 1.0
@@ -278,7 +270,6 @@ class Partition(ActionBase):
     """Hosts of one group cannot reach those of another. one-way: the first group cannot reach
     the second (replies still flow); drop loses packets, reject refuses them at once."""
 
-    kind = "partition"
     action: Literal["partition"]
     groups: list[Annotated[list[LinkHost], Field(min_length=1)]] = Field(min_length=2)
     direction: Literal["both", "one-way"] = "both"
@@ -300,14 +291,12 @@ class Partition(ActionBase):
 class Heal(ActionBase):
     """Undo every network fault in force: partitions, links down, loss, bandwidth, delay, dns-error."""
 
-    kind = "heal"
     action: Literal["heal"]
 
 
 class Loss(LinkAction):
     """Drop percent of the packets on the target's link, both directions."""
 
-    kind = "loss"
     action: Literal["loss"]
     percent: Percent
 
@@ -315,7 +304,6 @@ class Loss(LinkAction):
 class BandwidthLimit(LinkAction):
     """Limit the target's link to rate (tbf). Named apart from units.Bandwidth, the value it takes."""
 
-    kind = "bandwidth"
     action: Literal["bandwidth"]
     rate: BandwidthValue
 
@@ -323,7 +311,6 @@ class BandwidthLimit(LinkAction):
 class Delay(LinkAction):
     """Needs the kernel's sch_netem (refused where it is missing: see scenarios/README.md)."""
 
-    kind = "delay"
     action: Literal["delay"]
     delay: PositiveDuration
     jitter: Duration = 0.0
@@ -332,13 +319,11 @@ class Delay(LinkAction):
 class FlushRules(ActionBase):
     """Remove the node's kube-proxy rules behind its back (as `iptables -t nat -F` would)."""
 
-    kind = "flush-rules"
     action: Literal["flush-rules"]
     node: NodeName
 
 
 class FlushConntrack(ActionBase):
-    kind = "flush-conntrack"
     action: Literal["flush-conntrack"]
     node: NodeName
 
@@ -346,7 +331,6 @@ class FlushConntrack(ActionBase):
 class DnsError(ActionBase):
     """Cluster DNS answers rcode for names matching the glob, until heal."""
 
-    kind = "dns-error"
     action: Literal["dns-error"]
     names: str = Field(min_length=1)
     rcode: Literal["SERVFAIL", "NXDOMAIN"] = "SERVFAIL"
