@@ -17,6 +17,11 @@ REPO_ROOT=$(pwd)
 APT_PACKAGES=(
     mininet openvswitch-switch iptables nftables ipvsadm ipset conntrack
     iproute2 iputils-ping ethtool curl socat bridge-utils
+    # the stock-kernel VM tier (svclab vm): qemu, Debian's kernel with IP_VS, netem and the
+    # openvswitch module, and busybox for the initramfs virtme-ng builds
+    qemu-system-x86 linux-image-amd64 busybox-static
+    # the Vagrant lab: make test runs `vagrant validate` on the Vagrantfile
+    vagrant
 )
 VENV=.venv
 MININET_SRC=/usr/lib/python3/dist-packages/mininet
