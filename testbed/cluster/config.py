@@ -13,6 +13,7 @@
     kubeProxy:
       mode: iptables          # iptables | nftables | ipvs
       minSyncPeriod: 1s
+      masqueradeAll: false    # masquerade every packet to a ClusterIP (kube-proxy --masquerade-all)
     nodeMonitorGracePeriod: 5s
     loadBalancer:             # the cloud load balancer (cloud-controller + OpenFlow app)
       healthCheckInterval: 500ms
@@ -67,6 +68,7 @@ class ClusterConfig:
     node_port_range: str = "30000-32767"
     proxy_mode: str = "iptables"
     min_sync_period: float = 1.0
+    masquerade_all: bool = False
     node_monitor_grace_period: float = 5.0
     lb_health_interval: float = 0.5
     lb_health_timeout: float = 0.4
@@ -112,6 +114,8 @@ class ClusterConfig:
                            ("unhealthyThreshold", self.lb_unhealthy_threshold)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
+        if not isinstance(self.masquerade_all, bool):
+            raise ConfigError(f"kubeProxy.masqueradeAll: {self.masquerade_all!r}: must be true or false")
         if self.proxy_mode not in MODES:
             raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(MODES)}")
         try:
@@ -132,6 +136,14 @@ class ClusterConfig:
     def dns_ip(self) -> str:
         """Cluster DNS: the 10th address of the service subnet (10.96.0.10), as kubeadm picks it."""
         return str(ipaddress.IPv4Network(self.service_subnet).network_address + 10)
+
+    def kube_proxy_flags(self) -> list[str]:
+        """The kube-proxy command's flags for what this config says of kube-proxy."""
+        flags = ["--proxy-mode", self.proxy_mode, "--cluster-cidr", self.pod_subnet,
+                 "--min-sync-period", str(self.min_sync_period)]
+        if self.masquerade_all:
+            flags.append("--masquerade-all")
+        return flags
 
     def with_overrides(self, **values: Any) -> "ClusterConfig":
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -167,8 +179,10 @@ class ClusterConfig:
                 values["proxy_mode"] = value
             elif key == "minSyncPeriod":
                 values["min_sync_period"] = _duration(f"kubeProxy.{key}", value)
+            elif key == "masqueradeAll":
+                values["masquerade_all"] = value
             else:
-                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: minSyncPeriod, mode)")
+                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: masqueradeAll, minSyncPeriod, mode)")
         if "nodeMonitorGracePeriod" in data:
             values["node_monitor_grace_period"] = _duration("nodeMonitorGracePeriod", data["nodeMonitorGracePeriod"])
         lb = data.get("loadBalancer") or {}

@@ -157,8 +157,7 @@ class Cluster:
         for node in self.network.node_ips:
             self.supervisor.start(f"kube-proxy-{node}", [
                 "--state-dir", str(self.state.path), "--name", self.config.name, "kube-proxy",
-                "--node-name", node, "--proxy-mode", self.config.proxy_mode,
-                "--cluster-cidr", self.config.pod_subnet, "--min-sync-period", str(self.config.min_sync_period),
+                "--node-name", node, *self.config.kube_proxy_flags(),
                 "--metrics-address", f"{self.network.node_ip(node)}:10249",
             ], netns=self.network.netns(node))
 

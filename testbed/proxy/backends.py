@@ -32,12 +32,14 @@ class NodeSettings:
     cluster_cidr: the cluster's pod CIDR (upstream's local-traffic detector; None or "": none).
     node_ips: the node's addresses. nodeport_addresses: those of them that accept NodePorts
     (--nodeport-addresses resolved; empty: every local address).
+    masquerade_all: masquerade every packet to a ClusterIP (--masquerade-all).
     """
 
     node_name: str
     cluster_cidr: str | None = None
     node_ips: tuple[str, ...] = ()
     nodeport_addresses: tuple[str, ...] = ()
+    masquerade_all: bool = False
 
 
 @runtime_checkable

