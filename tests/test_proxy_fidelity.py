@@ -73,3 +73,26 @@ def test_masquerade_all_hides_the_pod_client_behind_the_node(netns, backend_clas
     lab.sync(backend_class, *web(), masquerade_all=masquerade_all)
     seen = "10.244.1.1" if masquerade_all else CLIENT_POD_IP
     assert ask(lab.client, CLUSTER_IP, 80) == f"pod {seen}"
+
+
+@BACKENDS
+@pytest.mark.parametrize("service_cidrs", [(), ("10.96.0.0/12",)], ids=["no-service-cidr", "service-cidr"])
+def test_unallocated_service_cidr_address_is_dropped_in_nftables_mode(netns, backend_class, service_cidrs):
+    """nftables mode with the Service CIDR known (--service-cidr) drops a new connection to an
+    address of it that no Service holds (upstream's cluster-ips-check); without it, and in
+    iptables mode (upstream has no such drop), the packet leaves the node unchanged, here toward
+    the external side, whose namespace holds that address and answers."""
+    lab = Lab(netns)
+    unallocated = "10.96.0.99"
+    run(["ip", "-n", lab.node, "route", "add", "10.96.0.0/12", "via", EXT_IP])  # as a cluster routes it
+    run(["ip", "-n", lab.ext, "addr", "add", f"{unallocated}/32", "dev", "lo"])
+    serve(netns, lab.ext, "ext")
+    lab.sync(backend_class, *web(), service_cidrs=service_cidrs)
+    assert ask(lab.client, CLUSTER_IP, 80) == f"pod {CLIENT_POD_IP}"  # an allocated ClusterIP still works
+    if backend_class is NftablesBackend and service_cidrs:
+        for source in (lab.client, lab.node):  # forwarded (filter-forward) and the node's own (filter-output)
+            with pytest.raises(TimeoutError):
+                ask(source, unallocated, 8080, timeout=1)
+    else:
+        assert ask(lab.client, unallocated, 8080) == f"ext {CLIENT_POD_IP}"
+        assert ask(lab.node, unallocated, 8080).startswith("ext ")

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from testbed.cluster.config import ClusterConfig, ConfigError
+from testbed.proxy.flags import FlagError, KubeProxyFlags, node_settings
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -28,3 +29,14 @@ def test_masquerade_all_from_the_cluster_config_to_the_command():
     with pytest.raises(ConfigError, match="kubeProxy.masqueradeAll: 'yes please': must be true or false"):
         ClusterConfig.from_dict({"kubeProxy": {"masqueradeAll": "yes please"}})
     assert "--masquerade-all Masquerade every packet to a ClusterIP" in kube_proxy_help()
+
+
+def test_service_cidr_from_the_cluster_config_to_the_backend_settings():
+    config = ClusterConfig(service_subnet="10.100.0.0/16")
+    flags = config.kube_proxy_flags()
+    assert flags[flags.index("--service-cidr") + 1] == "10.100.0.0/16"
+    settings = node_settings(KubeProxyFlags("n1", service_cidr="10.100.0.0/16, fd00:1::/112"), ("172.18.0.2",))
+    assert settings.service_cidrs == ("10.100.0.0/16",)  # the IPv6 range ignored: IPv4 only
+    assert node_settings(KubeProxyFlags("n1"), ()).service_cidrs == ()  # default: no drop, as upstream without
+    with pytest.raises(FlagError, match="--service-cidr: '10.96.0.0/33' is not a CIDR"):
+        node_settings(KubeProxyFlags("n1", service_cidr="10.96.0.0/33"), ())

@@ -140,7 +140,7 @@ class ClusterConfig:
     def kube_proxy_flags(self) -> list[str]:
         """The kube-proxy command's flags for what this config says of kube-proxy."""
         flags = ["--proxy-mode", self.proxy_mode, "--cluster-cidr", self.pod_subnet,
-                 "--min-sync-period", str(self.min_sync_period)]
+                 "--service-cidr", self.service_subnet, "--min-sync-period", str(self.min_sync_period)]
         if self.masquerade_all:
             flags.append("--masquerade-all")
         return flags

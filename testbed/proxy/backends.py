@@ -33,6 +33,8 @@ class NodeSettings:
     node_ips: the node's addresses. nodeport_addresses: those of them that accept NodePorts
     (--nodeport-addresses resolved; empty: every local address).
     masquerade_all: masquerade every packet to a ClusterIP (--masquerade-all).
+    service_cidrs: the cluster's Service ranges (--service-cidr): nftables mode drops traffic to
+    their unallocated addresses (upstream's cluster-ips-check); iptables mode has no such drop.
     """
 
     node_name: str
@@ -40,6 +42,7 @@ class NodeSettings:
     node_ips: tuple[str, ...] = ()
     nodeport_addresses: tuple[str, ...] = ()
     masquerade_all: bool = False
+    service_cidrs: tuple[str, ...] = ()
 
 
 @runtime_checkable
