@@ -96,3 +96,25 @@ def test_unallocated_service_cidr_address_is_dropped_in_nftables_mode(netns, bac
     else:
         assert ask(lab.client, unallocated, 8080) == f"ext {CLIENT_POD_IP}"
         assert ask(lab.node, unallocated, 8080).startswith("ext ")
+
+
+def load_balancer(name: str, cluster_ip: str, lb_ip: str, node_port: int, ranges: list[str]):
+    return svc("default", name, cluster_ip, type="LoadBalancer", loadBalancerSourceRanges=ranges,
+               ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": node_port}],
+               status={"loadBalancer": {"ingress": [{"ip": lb_ip}]}})
+
+
+@BACKENDS
+def test_space_padded_load_balancer_source_ranges_are_trimmed(netns, backend_class):
+    """Source ranges as the API server accepts them, space-padded: the external client inside
+    " 203.0.113.0/25 " reaches the first LoadBalancer IP; "\\t10.0.0.0/8 " keeps it out of the second."""
+    lab = Lab(netns)
+    for lb_ip in ("203.0.113.10", "203.0.113.11"):
+        run(["ip", "-n", lab.ext, "route", "add", lb_ip, "via", "203.0.113.1"])  # the cloud LB's job, short-cut
+    services = [load_balancer("open", "10.96.0.41", "203.0.113.10", 30091, [" 203.0.113.0/25 "]),
+                load_balancer("closed", "10.96.0.42", "203.0.113.11", 30092, ["\t10.0.0.0/8 "])]
+    slices = [eps("default", name, [(POD_IP, NODE)]) for name in ("open", "closed")]
+    lab.sync(backend_class, services, slices)
+    assert ask(lab.ext, "203.0.113.10", 80) == "pod 10.244.1.1"  # admitted, masqueraded (Cluster policy)
+    with pytest.raises(TimeoutError):
+        ask(lab.ext, "203.0.113.11", 80, timeout=1)
