@@ -118,3 +118,15 @@ def test_space_padded_load_balancer_source_ranges_are_trimmed(netns, backend_cla
     assert ask(lab.ext, "203.0.113.10", 80) == "pod 10.244.1.1"  # admitted, masqueraded (Cluster policy)
     with pytest.raises(TimeoutError):
         ask(lab.ext, "203.0.113.11", 80, timeout=1)
+
+
+@BACKENDS
+@pytest.mark.parametrize("cluster_cidr", [CLUSTER_CIDR, None], ids=["cluster-cidr", "no-detector"])
+def test_without_cluster_cidr_off_cluster_clients_keep_their_address(netns, backend_class, cluster_cidr):
+    """--cluster-cidr 10.244.0.0/16: a client outside it reaching a ClusterIP through the node is
+    masqueraded; --cluster-cidr '' (no local-traffic detector): it is not, and pods are not either."""
+    lab = Lab(netns)
+    run(["ip", "-n", lab.ext, "route", "add", "10.96.0.0/12", "via", "203.0.113.1"])
+    lab.sync(backend_class, *web(), cluster_cidr=cluster_cidr)
+    assert ask(lab.ext, CLUSTER_IP, 80) == f"pod {'10.244.1.1' if cluster_cidr else EXT_IP}"
+    assert ask(lab.client, CLUSTER_IP, 80) == f"pod {CLIENT_POD_IP}"

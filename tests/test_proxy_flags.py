@@ -40,3 +40,11 @@ def test_service_cidr_from_the_cluster_config_to_the_backend_settings():
     assert node_settings(KubeProxyFlags("n1"), ()).service_cidrs == ()  # default: no drop, as upstream without
     with pytest.raises(FlagError, match="--service-cidr: '10.96.0.0/33' is not a CIDR"):
         node_settings(KubeProxyFlags("n1", service_cidr="10.96.0.0/33"), ())
+
+
+def test_empty_cluster_cidr_means_no_local_traffic_detector_and_the_help_says_so():
+    assert node_settings(KubeProxyFlags("n1", cluster_cidr=""), ()).cluster_cidr is None
+    assert node_settings(KubeProxyFlags("n1"), ()).cluster_cidr == "10.244.0.0/16"
+    with pytest.raises(FlagError, match="--cluster-cidr: 'pods' is not an IPv4 CIDR"):
+        node_settings(KubeProxyFlags("n1", cluster_cidr="pods"), ())
+    assert "'' for none: no pod-traffic detection (upstream's no-op local detector)" in kube_proxy_help()

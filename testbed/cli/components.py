@@ -92,7 +92,9 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
 @click.option("--proxy-mode", type=click.Choice(MODES), default="iptables",
               show_default=True)
 @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
-              help="Pod addresses: traffic to Services from outside it is masqueraded.")
+              help="Pod addresses: traffic to ClusterIPs from outside it is masqueraded. '' for none: no "
+                   "pod-traffic detection (upstream's no-op local detector), so no such masquerade and no "
+                   "short-circuit of pods' traffic to Local-policy external IPs.")
 @click.option("--nodeport-addresses", default="", metavar="CIDRS",
               help="Comma-separated CIDRs: NodePorts only on the node's addresses inside them (default: all).")
 @click.option("--masquerade-all", is_flag=True,

@@ -6,6 +6,7 @@ thin layer over it, and tests check each flag's meaning without starting kube-pr
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from testbed.proxy import nodeaddrs
@@ -36,6 +37,11 @@ class KubeProxyFlags:
 def node_settings(flags: KubeProxyFlags, addresses: tuple[str, ...]) -> NodeSettings:
     """NodeSettings for a node whose IPv4 addresses (loopback ones included) are `addresses`.
     Raises FlagError for a value kube-proxy cannot run with."""
+    if flags.cluster_cidr:
+        try:
+            ipaddress.IPv4Network(flags.cluster_cidr, strict=False)
+        except ValueError:
+            raise FlagError("--cluster-cidr", f"{flags.cluster_cidr!r} is not an IPv4 CIDR ('' for none)") from None
     node_ips = tuple(a for a in addresses if not a.startswith("127."))
     try:
         cidrs = nodeaddrs.parse_cidrs(flags.nodeport_addresses)
