@@ -130,3 +130,44 @@ def test_without_cluster_cidr_off_cluster_clients_keep_their_address(netns, back
     lab.sync(backend_class, *web(), cluster_cidr=cluster_cidr)
     assert ask(lab.ext, CLUSTER_IP, 80) == f"pod {'10.244.1.1' if cluster_cidr else EXT_IP}"
     assert ask(lab.client, CLUSTER_IP, 80) == f"pod {CLIENT_POD_IP}"
+
+
+def route_localnet(ns: str) -> str:
+    return run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.conf.all.route_localnet"]).stdout.strip()
+
+
+@pytest.mark.parametrize("settings", [{}, {"nodeport_addresses": ("127.0.0.1",)}, {"localhost_nodeports": False}],
+                         ids=["default", "nodeport-addresses-127", "localhost-nodeports-false"])
+def test_localhost_nodeports_in_iptables_mode_set_route_localnet_in_the_node_only(netns, settings):
+    """iptables mode, upstream's default: the node reaches its NodePort on 127.0.0.1 (masqueraded:
+    route_localnet=1 in the node's namespace lets the DNATed packet leave loopback), and so with
+    --nodeport-addresses 127.0.0.0/8 (then not on 172.18.0.2). --iptables-localhost-nodeports=false:
+    refused, route_localnet left alone. The machine's own namespace is never touched."""
+    with open("/proc/sys/net/ipv4/conf/all/route_localnet") as sysctl:
+        root_before = sysctl.read()
+    lab = Lab(netns)
+    lab.sync(IptablesBackend, *web(), **settings)
+    if settings.get("localhost_nodeports", True):
+        assert ask(lab.node, "127.0.0.1", NODE_PORT) == "pod 10.244.1.1"
+        assert route_localnet(lab.node) == "1"
+    else:
+        with pytest.raises(ConnectionRefusedError):  # no DNAT: nothing listens on the node itself
+            ask(lab.node, "127.0.0.1", NODE_PORT)
+        assert route_localnet(lab.node) == "0"
+    if settings.get("nodeport_addresses"):
+        with pytest.raises(ConnectionRefusedError):
+            ask(lab.node, NODE_IP, NODE_PORT)
+    else:
+        assert ask(lab.node, NODE_IP, NODE_PORT) == "pod 10.244.1.1"
+    with open("/proc/sys/net/ipv4/conf/all/route_localnet") as sysctl:
+        assert sysctl.read() == root_before
+
+
+def test_nftables_mode_has_no_localhost_nodeports(netns):
+    """As upstream: nftables NodePorts match every local address but 127.0.0.0/8."""
+    lab = Lab(netns)
+    lab.sync(NftablesBackend, *web())
+    assert ask(lab.node, NODE_IP, NODE_PORT) == "pod 10.244.1.1"
+    with pytest.raises(ConnectionRefusedError):
+        ask(lab.node, "127.0.0.1", NODE_PORT)
+    assert route_localnet(lab.node) == "0"

@@ -4,6 +4,7 @@ What the settings do to packets is tested in tests/test_proxy_fidelity.py."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -48,3 +49,34 @@ def test_empty_cluster_cidr_means_no_local_traffic_detector_and_the_help_says_so
     with pytest.raises(FlagError, match="--cluster-cidr: 'pods' is not an IPv4 CIDR"):
         node_settings(KubeProxyFlags("n1", cluster_cidr="pods"), ())
     assert "'' for none: no pod-traffic detection (upstream's no-op local detector)" in kube_proxy_help()
+
+
+ADDRESSES = ("10.244.1.1", "127.0.0.1", "172.18.0.2")  # a node's, loopback included
+
+
+def nodeports(mode: str, cidrs: str, localhost: bool = True) -> tuple[str, ...]:
+    flags = KubeProxyFlags("n1", mode, nodeport_addresses=cidrs, localhost_nodeports=localhost)
+    return node_settings(flags, ADDRESSES).nodeport_addresses
+
+
+def test_nodeport_addresses_of_the_other_family_are_ignored_and_logged(caplog):
+    with caplog.at_level(logging.WARNING, "svclab.kube-proxy"):
+        assert nodeports("iptables", "fd00::/64, 172.18.0.0/16") == ("172.18.0.2",)
+        assert nodeports("nftables", "fd00::/64") == ()  # no IPv4 CIDR left: every address, as upstream
+    assert caplog.text.count("--nodeport-addresses: ignoring fd00::/64: not an IPv4 CIDR") == 2
+
+
+def test_localhost_nodeport_addresses_iptables_mode_only(caplog):
+    assert nodeports("iptables", "127.0.0.0/8") == ("127.0.0.1",)
+    assert nodeports("iptables", "0.0.0.0/0") == ()  # match-all, as no flag
+    settings = node_settings(KubeProxyFlags("n1", "iptables"), ADDRESSES)
+    assert settings.localhost_nodeports and settings.node_ips == ("10.244.1.1", "172.18.0.2")
+    assert not node_settings(KubeProxyFlags("n1", "nftables"), ADDRESSES).localhost_nodeports
+    with caplog.at_level(logging.ERROR, "svclab.kube-proxy"):
+        assert nodeports("nftables", "127.0.0.0/8,172.18.0.0/16") == ("172.18.0.2",)
+        assert nodeports("iptables", "127.0.0.0/8,172.18.0.0/16", localhost=False) == ("172.18.0.2",)
+    assert caplog.text.count("--nodeport-addresses includes localhost (127.0.0.1)") == 2
+    with pytest.raises(FlagError, match=r"only localhost addresses \(127.0.0.1\) are inside 127.0.0.0/8"):
+        nodeports("nftables", "127.0.0.0/8")
+    assert "--iptables-localhost-nodeports BOOLEAN iptables mode: NodePorts answer on 127.0.0.0/8" \
+        in kube_proxy_help()

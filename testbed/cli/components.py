@@ -97,6 +97,10 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
                    "short-circuit of pods' traffic to Local-policy external IPs.")
 @click.option("--nodeport-addresses", default="", metavar="CIDRS",
               help="Comma-separated CIDRs: NodePorts only on the node's addresses inside them (default: all).")
+@click.option("--iptables-localhost-nodeports", "localhost_nodeports", type=click.BOOL, default=True,
+              show_default=True, help="iptables mode: NodePorts answer on 127.0.0.0/8 too, where "
+              "--nodeport-addresses allow it (route_localnet set in the node's namespace). Other modes "
+              "never do, as upstream.")
 @click.option("--masquerade-all", is_flag=True,
               help="Masquerade every packet to a ClusterIP, pods' too (upstream's flag).")
 @click.option("--service-cidr", default="", metavar="CIDRS",
@@ -108,8 +112,8 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
               help="Where /metrics and /healthz are served.")
 @pass_target
 def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
-               cluster_cidr: str, nodeport_addresses: str, masquerade_all: bool, service_cidr: str,
-               min_sync_period: float, metrics_address: str) -> None:
+               cluster_cidr: str, nodeport_addresses: str, localhost_nodeports: bool, masquerade_all: bool,
+               service_cidr: str, min_sync_period: float, metrics_address: str) -> None:
     """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules.
 
     Its node IPs are the addresses it finds in that namespace."""
@@ -117,7 +121,8 @@ def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_na
     from testbed.proxy.flags import FlagError, KubeProxyFlags, node_settings
     from testbed.proxy.server import run
 
-    flags = KubeProxyFlags(node_name, proxy_mode, cluster_cidr, nodeport_addresses, masquerade_all, service_cidr)
+    flags = KubeProxyFlags(node_name, proxy_mode, cluster_cidr, nodeport_addresses, masquerade_all, service_cidr,
+                           localhost_nodeports)
     try:
         settings = node_settings(flags, nodeaddrs.local_ipv4_addresses(loopback=True))
     except FlagError as exc:

@@ -35,6 +35,9 @@ class NodeSettings:
     masquerade_all: masquerade every packet to a ClusterIP (--masquerade-all).
     service_cidrs: the cluster's Service ranges (--service-cidr): nftables mode drops traffic to
     their unallocated addresses (upstream's cluster-ips-check); iptables mode has no such drop.
+    localhost_nodeports: NodePorts on 127.0.0.0/8 too, where nodeport_addresses allow them (empty,
+    or holding a loopback address): iptables mode only (upstream's --iptables-localhost-nodeports),
+    which sets route_localnet in the node's namespace; the other modes ignore it, as upstream.
     """
 
     node_name: str
@@ -43,6 +46,7 @@ class NodeSettings:
     nodeport_addresses: tuple[str, ...] = ()
     masquerade_all: bool = False
     service_cidrs: tuple[str, ...] = ()
+    localhost_nodeports: bool = True
 
 
 @runtime_checkable

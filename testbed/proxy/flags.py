@@ -32,6 +32,7 @@ class KubeProxyFlags:
     nodeport_addresses: str = ""
     masquerade_all: bool = False
     service_cidr: str = ""
+    localhost_nodeports: bool = True  # --iptables-localhost-nodeports
 
 
 def node_settings(flags: KubeProxyFlags, addresses: tuple[str, ...]) -> NodeSettings:
@@ -43,9 +44,10 @@ def node_settings(flags: KubeProxyFlags, addresses: tuple[str, ...]) -> NodeSett
         except ValueError:
             raise FlagError("--cluster-cidr", f"{flags.cluster_cidr!r} is not an IPv4 CIDR ('' for none)") from None
     node_ips = tuple(a for a in addresses if not a.startswith("127."))
+    localhost = flags.localhost_nodeports and flags.proxy_mode == "iptables"  # upstream: iptables mode only
     try:
         cidrs = nodeaddrs.parse_cidrs(flags.nodeport_addresses)
-        nodeport_ips = nodeaddrs.nodeport_addresses(cidrs, node_ips, allow_localhost=False)
+        nodeport_ips = nodeaddrs.nodeport_addresses(cidrs, addresses, allow_localhost=localhost)
     except ValueError as exc:
         raise FlagError("--nodeport-addresses", str(exc).removeprefix("--nodeport-addresses: ")) from None
     try:
@@ -54,4 +56,4 @@ def node_settings(flags: KubeProxyFlags, addresses: tuple[str, ...]) -> NodeSett
         raise FlagError("--service-cidr", str(exc).removeprefix("--service-cidr: ")) from None
     return NodeSettings(flags.node_name, cluster_cidr=flags.cluster_cidr or None, node_ips=node_ips,
                         nodeport_addresses=nodeport_ips, masquerade_all=flags.masquerade_all,
-                        service_cidrs=service.ipv4)
+                        service_cidrs=service.ipv4, localhost_nodeports=localhost)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from testbed.proxy.iptables.names import (KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_POSTROUTING,
+from testbed.proxy.iptables.names import (KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_POSTROUTING,
                                           KUBE_PROXY_FIREWALL, KUBE_SERVICES)
 
 
@@ -55,6 +55,8 @@ _HOOKS = (
     _hook("filter", "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", *_NEW),
     _hook("filter", "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", *_NEW),
     _hook("filter", "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", *_NEW),
+    _hook("filter", "INPUT", KUBE_FIREWALL, "kubernetes localhost nodeports firewall"),  # kubelet's, uncommented
+    _hook("filter", "OUTPUT", KUBE_FIREWALL, "kubernetes localhost nodeports firewall"),
     _hook("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
     _hook("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
     _hook("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),
