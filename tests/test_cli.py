@@ -116,6 +116,30 @@ def test_cluster_not_running_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "invalid cluster name" in r.stderr
 
 
+def test_open_vswitch_out_of_reach_is_a_clear_error_that_leaves_nothing(tmp_path):
+    """ovs-vsctl looks for its database in OVS_RUNDIR: an empty one is a machine whose Open
+    vSwitch is not running. `svclab up` and `svclab run` say so (no traceback) and leave nothing."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "ovs").mkdir()
+    env = {**os.environ, "OVS_RUNDIR": str(tmp_path / "ovs")}
+    base = [sys.executable, "-m", "testbed", "--state-root", str(tmp_path / "state")]
+    up = subprocess.run([*base, "--name", "noovs", "up", "--nodes", "1"], capture_output=True, text=True,
+                        env=env, cwd=REPO, timeout=120)
+    run = subprocess.run([*base, "--name", "noovs2", "run", str(REPO / "scenarios/node-failure.yaml"),
+                          "--report", str(tmp_path / "report")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    for r, status in ((up, 1), (run, 2)):
+        assert r.returncode == status, r.stderr
+        assert "Open vSwitch is not running" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [line for line in netns.splitlines() if line.startswith(("noovs-", "noovs2-"))], netns
+    r = subprocess.run([*base, "--name", "noovs", "clean"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "nothing" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+
+
 def test_kube_proxy_refuses_bad_nodeport_addresses_naming_the_option(tmp_path):
     import subprocess
     import sys
@@ -129,6 +153,29 @@ def test_kube_proxy_refuses_bad_nodeport_addresses_naming_the_option(tmp_path):
     r = subprocess.run(["unshare", "--net", "--", *base, "--nodeport-addresses", "10.0.0.0/8"], capture_output=True,
                        text=True, cwd=REPO)
     assert r.returncode == 2 and "no address of this namespace (none) is inside 10.0.0.0/8" in r.stderr
+
+
+def test_kube_proxy_cleanup_removes_every_modes_rules_and_only_them(tmp_path):
+    """`kube-proxy --cleanup` (upstream's flag; node-crash uses it): in a fresh namespace holding
+    rules of both modes and someone else's chain, ours go and theirs stays."""
+    import shlex
+    import subprocess
+    import sys
+
+    from testbed.proxy.iptables.hooks import hook_rules
+
+    hooks = [f"iptables -w -t {r.table} -N {r.args[-1]} 2>/dev/null || true; iptables -w {shlex.join(r.insert_argv())}"
+             for r in hook_rules()]  # kube-proxy's jumps into its chains, as a sync leaves them
+    script = "\n".join(["set -e", "nft add table ip kube-proxy; nft add chain ip kube-proxy services", *hooks,
+                         "iptables -w -t nat -N THEIRS; iptables -w -t nat -A PREROUTING -j THEIRS"]) + f"""
+{sys.executable} -m testbed --state-dir {tmp_path} kube-proxy --node-name n1 --cleanup
+echo ---; nft list tables; iptables-save -t nat"""
+    r = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    said, _, after = r.stdout.partition("---")
+    assert said.strip() == "removed the rules of: iptables, nftables"
+    assert "kube-proxy" not in after and "KUBE-" not in after, after
+    assert ":THEIRS" in after and "-A PREROUTING -j THEIRS" in after, after
 
 
 def test_namespaces_and_all_namespaces(apiserver):
