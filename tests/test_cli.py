@@ -185,3 +185,23 @@ def test_namespaces_and_all_namespaces(apiserver):
     out = apiserver.cli("get", "svc", "-A").stdout.splitlines()
     assert out[0].split()[0] == "NAMESPACE"
     assert any(line.split()[:2] == ["team-a", "frontend-service"] for line in out)
+
+
+def test_a_verb_imports_only_its_own_module():
+    """Each verb's module is imported when it runs (LazySvclabGroup): `svclab get` and the
+    components' starts skip the faults' and scenarios' imports; --help still lists every verb."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from testbed.cli.main import cli; cli([{args}], standalone_mode=False); "
+             "print(sorted(m for m in sys.modules if m.startswith(('testbed.faults', 'testbed.scenario', "
+             "'testbed.cli.'))))")
+    r = subprocess.run([sys.executable, "-c", probe.format(args="'get', '--help'")], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    loaded = r.stdout.strip().splitlines()[-1]
+    assert "testbed.cli.objects" in loaded and "faults" not in loaded and "scenario" not in loaded, loaded
+    r = subprocess.run([sys.executable, "-m", "testbed", "--help"], capture_output=True, text=True, cwd=REPO)
+    verbs = {line.split()[0] for line in r.stdout.partition("Commands:")[2].splitlines() if line.strip()}
+    from testbed.cli.main import VERBS
+    assert verbs == set(VERBS) and {"get", "fault", "run", "vm", "kube-proxy"} <= verbs, verbs
