@@ -324,3 +324,34 @@ def test_source_port_slices_only_for_a_shared_namespace():
     assert GeneratorSpec(**{**asdict(a), "source_ports": [1, 2]}).source_ports == (1, 2)  # read back from JSON
     with pytest.raises(ValueError, match="source_ports"):
         GeneratorSpec("d", "", "http://x/", rate=1, stop=1, source_ports=(70000, 70001))
+
+
+def test_a_generator_without_t0_starts_its_clock_at_go_not_at_launch(tmp_path, loop):
+    """t0=None (what `svclab run` uses): a probe set up and ready sends nothing until go(t0); its
+    records count from that t0, and none is late however long the launch took."""
+    port = free_port()
+    server = builtin(loop, port)
+    generator = Generator(GeneratorSpec("go", "", f"http://{LOOP}:{port}/", rate=20, stop=1.0), None, tmp_path)
+    generator.start()
+    generator.wait_ready()
+    time.sleep(1.2)  # past its stop time, had the clock started at launch
+    assert generator.alive() and generator.records() == []
+    t0 = time.monotonic() + 0.2
+    generator.go(t0)
+    summary = generator.wait()
+    records = generator.records()
+    assert len(records) == 20 and all(r.ok for r in records), records
+    assert 0 <= records[0].t < 0.05 and summary.late_starts == 0, (records[0], summary)
+    server.stop()
+
+
+def test_traffic_without_t0_sends_go_once_every_generator_is_ready(tmp_path, loop):
+    port = free_port()
+    server = builtin(loop, port)
+    specs = [GeneratorSpec(name, "", f"http://{LOOP}:{port}/", rate=10, stop=0.5) for name in ("a", "b")]
+    before = time.monotonic()
+    with Traffic(specs, None, tmp_path) as traffic:
+        assert traffic.t0 is not None and traffic.t0 > before
+        summaries = traffic.wait()
+    assert [s.sent for s in summaries.values()] == [5, 5] and all(s.late_starts == 0 for s in summaries.values())
+    server.stop()

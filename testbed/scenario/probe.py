@@ -7,7 +7,8 @@ bound on requests in flight can hold a start back; a start later than its due ti
 late start, and requests that could not start before the stop time are never sent, so a
 rate the machine cannot keep shows as an achieved rate below the asked one.
 
-Prints `ready` once set up, writes one record per request (records.py) as each ends and
+Prints `ready` once set up (then, if its config's t0 is null, reads t0 from stdin: the
+runner's go once every generator is ready), writes one record per request (records.py) as each ends and
 the summary (traffic.GeneratorSummary) at the end: at its stop time, or on SIGTERM, after
 what is in flight has ended.
 """
@@ -181,9 +182,15 @@ async def _main(config: dict) -> None:
     # name lookups run in threads (getaddrinfo, as any client of the namespace's resolver): enough of them
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=min(64, spec.inflight_limit)))
     with open(config["records"], "w", buffering=1) as out:
-        probe = Probe(spec, config["t0"], out)
-        loop.add_signal_handler(signal.SIGTERM, probe.stopping.set)
         print("ready", flush=True)
+        t0 = config["t0"]
+        if t0 is None:  # the clock starts when the runner says (traffic.Generator.go); EOF: it is gone
+            line = sys.stdin.readline()
+            if not line.strip():
+                return
+            t0 = float(line)
+        probe = Probe(spec, t0, out)
+        loop.add_signal_handler(signal.SIGTERM, probe.stopping.set)
         summary = await probe.run()
     tmp = config["summary"] + ".tmp"
     with open(tmp, "w") as f:

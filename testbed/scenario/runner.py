@@ -40,7 +40,6 @@ from testbed.scenario.report import GeneratorResult, Report, RunResult
 from testbed.scenario.resolve import Resolver, Unresolved, generator_specs
 from testbed.scenario.traffic import Traffic
 
-LEAD_S = 2.0  # t0 this long after the generators are launched: each is set up and waiting by then
 SERVE_TIMEOUT_S = 90.0
 START_TIMEOUT_S = 120.0  # the cluster up and its manifests applied (Cluster.start)
 EXIT_PASSED, EXIT_FAILED, EXIT_NOT_RUN = 0, 1, 2
@@ -119,13 +118,13 @@ class ModeRun:
         cluster = ClusterState(live, name, self.state.path)
         resolver = Resolver(live, name, self.ctx.picked)
         specs = generator_specs(self.scenario, resolver)
-        t0 = time.monotonic() + LEAD_S
-        self.t0_wall = time.time() + LEAD_S
-        self.observer = Observer(self.scenario, cluster, resolver, self.ctx.target, t0)
-        self.player = Player(self.scenario, self.ctx, cluster, self.observer, t0)
-        self.traffic = Traffic(specs, t0, self.out_dir)
+        self.traffic = Traffic(specs, None, self.out_dir)  # t0: once every generator is ready
         with self.traffic, ScenarioProgress(self.scenario.name, self.scenario.duration, self.mode,
                                             self.options.console) as progress:
+            t0 = self.traffic.t0
+            self.t0_wall = time.time() + (t0 - time.monotonic())
+            self.observer = Observer(self.scenario, cluster, resolver, self.ctx.target, t0)
+            self.player = Player(self.scenario, self.ctx, cluster, self.observer, t0)
             self.player.progress = lambda t, last: progress.update(t, self.traffic.stats(), last)
             self.player.play()
             self.summaries = wait_generators(self.traffic)

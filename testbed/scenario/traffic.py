@@ -143,10 +143,15 @@ class GeneratorStats:
             self.last_t = max(self.last_t, record.t)
 
 
-class Generator:
-    """One probe process; constructing it does nothing, start() launches it."""
+GO_LEAD_S = 0.5  # t0 this long after go() is sent: each probe reads it and waits for t0 by itself
 
-    def __init__(self, spec: GeneratorSpec, t0: float, out_dir: Path) -> None:
+
+class Generator:
+    """One probe process; constructing it does nothing, start() launches it. With t0=None its
+    clock starts at go(t0), sent once it is ready: a slow machine's start (seconds in the TCG VM)
+    then delays the clock instead of making the first requests late."""
+
+    def __init__(self, spec: GeneratorSpec, t0: float | None, out_dir: Path) -> None:
         self.spec, self.t0, self.out_dir = spec, t0, Path(out_dir)
         self.records_path = self.out_dir / f"{spec.name}.jsonl"
         self.summary_path = self.out_dir / f"{spec.name}.summary.json"
@@ -170,8 +175,14 @@ class Generator:
                                                 "records": str(self.records_path),
                                                 "summary": str(self.summary_path)}))
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE if self.t0 is None else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+
+    def go(self, t0: float) -> None:
+        """Start the clock of a generator made with t0=None (after wait_ready)."""
+        self.t0 = t0
+        self.proc.stdin.write(f"{t0!r}\n".encode())
+        self.proc.stdin.close()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Until the probe says it is set up (it then waits for its start time by itself)."""
@@ -257,10 +268,12 @@ def with_source_ports(specs: list[GeneratorSpec]) -> list[GeneratorSpec]:
 class Traffic:
     """Several generators started together and always stopped (by pid) on leaving the block."""
 
-    def __init__(self, specs: list[GeneratorSpec], t0: float, out_dir: Path) -> None:
+    def __init__(self, specs: list[GeneratorSpec], t0: float | None, out_dir: Path) -> None:
+        """t0=None: the clock starts GO_LEAD_S after every generator is ready (self.t0 then)."""
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"generator names must be unique: {names}")
+        self.t0 = t0
         self.generators = {s.name: Generator(s, t0, out_dir) for s in with_source_ports(specs)}
 
     def __enter__(self) -> "Traffic":
@@ -269,6 +282,10 @@ class Traffic:
                 generator.start()
             for generator in self.generators.values():
                 generator.wait_ready()
+            if self.t0 is None:
+                self.t0 = time.monotonic() + GO_LEAD_S
+                for generator in self.generators.values():
+                    generator.go(self.t0)
         except BaseException:
             self.stop()
             raise
