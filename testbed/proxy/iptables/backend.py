@@ -17,6 +17,7 @@ import subprocess
 
 from testbed.proxy import iptables, kernel, nfnetlink
 from testbed.proxy.backends import NodeSettings
+from testbed.proxy.iptables import hooks
 from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
@@ -92,17 +93,7 @@ class IptablesBackend:
         kernel.check_in_scratch_netns(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], document)
 
     def _ensure_hooks(self) -> None:
-        """Our top-level chains, and the jumps to them from the built-in chains (as upstream, before
-        restore). One iptables-save per table tells what is there already (the usual case): a full
-        sync on every node at once must stay cheap (20 nodes share 2 cores here)."""
-        saved = {table: kernel.run(["iptables-save", "-t", table]) for table in ("filter", "nat")}
-        for rule in iptables.hook_rules():
-            if rule.in_saved(saved[rule.table]):
-                continue
-            target = rule.args[-1]
-            if f"\n:{target} " not in saved[rule.table]:
-                subprocess.run(["iptables", "-w", "-t", rule.table, "-N", target], capture_output=True)
-            kernel.run(["iptables", "-w", *rule.insert_argv()])
+        hooks.ensure_hooks(iptables.hook_rules())
 
     def _ensure_canary(self) -> None:
         doc = "".join(f"*{table}\n:{CANARY} - [0:0]\nCOMMIT\n" for table in CANARY_TABLES)
@@ -120,8 +111,7 @@ class IptablesBackend:
 
     def cleanup(self) -> None:
         """Remove every rule and chain this backend made (upstream's CleanupLeftovers)."""
-        for rule in iptables.hook_rules():
-            subprocess.run(["iptables", "-w", *rule.delete_argv()], capture_output=True)
+        hooks.delete_hooks(iptables.hook_rules())
         for table in ("nat", "filter", "mangle"):
             saved = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
             chains = [l[1:].split()[0] for l in saved.splitlines() if l.startswith(":KUBE-")]
