@@ -18,7 +18,7 @@ from testbed.proxy.model import ProxyState, ServicePortName
 #: Every mode kube-proxy accepts (--proxy-mode, the cluster config's kubeProxy.mode).
 MODES = ("iptables", "nftables", "ipvs")
 #: The modes svclab has a backend for.
-IMPLEMENTED = ("iptables", "nftables")
+IMPLEMENTED = ("iptables", "nftables", "ipvs")
 
 
 class Unsupported(RuntimeError):
@@ -31,13 +31,17 @@ class NodeSettings:
 
     cluster_cidr: the cluster's pod CIDR (upstream's local-traffic detector; None or "": none).
     node_ips: the node's addresses. nodeport_addresses: those of them that accept NodePorts
-    (--nodeport-addresses resolved; empty: every local address).
+    (--nodeport-addresses resolved; empty: every local address). ipvs_scheduler: IPVS mode's
+    --ipvs-scheduler ("" : rr). ipvs_drain_timeout: seconds a removed IPVS real server may keep
+    its connections before it is deleted.
     """
 
     node_name: str
     cluster_cidr: str | None = None
     node_ips: tuple[str, ...] = ()
     nodeport_addresses: tuple[str, ...] = ()
+    ipvs_scheduler: str = ""
+    ipvs_drain_timeout: float = 900.0
 
 
 @runtime_checkable
@@ -76,14 +80,15 @@ class ProxyBackend(Protocol):
         ...
 
 
-def check_mode(mode: str) -> None:
-    """Refuse, with the way out, a mode this kernel or this svclab cannot run."""
+def check_mode(mode: str, argv: list[str] | None = None) -> None:
+    """Refuse, with the way out, a mode this kernel or this svclab cannot run. argv: the svclab
+    command given, which the way out repeats (`svclab vm -- svclab <argv>`)."""
     if mode not in MODES:
         raise Unsupported(f"unknown proxy mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "ipvs":
         from testbed.proxy.ipvs import KernelLacksIpvs, check_kernel
         try:
-            check_kernel()
+            check_kernel(argv)
         except KernelLacksIpvs as exc:
             raise Unsupported(str(exc)) from None
     if mode not in IMPLEMENTED:
@@ -91,10 +96,19 @@ def check_mode(mode: str) -> None:
 
 
 def backend_class(mode: str) -> type[ProxyBackend]:
+    """The backend class for `mode`, once this machine is known to run it (Unsupported if not)."""
     check_mode(mode)
+    return implementation(mode)
+
+
+def implementation(mode: str) -> type[ProxyBackend]:
+    """The class that implements `mode`, whether or not this kernel can run it."""
     if mode == "nftables":
         from testbed.proxy.nftables.backend import NftablesBackend
         return NftablesBackend
+    if mode == "ipvs":
+        from testbed.proxy.ipvs.backend import IpvsBackend
+        return IpvsBackend
     from testbed.proxy.iptables.backend import IptablesBackend
     return IptablesBackend
 

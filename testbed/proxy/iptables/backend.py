@@ -27,7 +27,7 @@ CANARY_TABLES = ("mangle", "nat", "filter")
 NEVER_EMPTY = (("nat", iptables.KUBE_MARK_MASQ), ("filter", iptables.KUBE_FORWARD))
 
 
-def _uses_nf_tables() -> bool:
+def uses_nf_tables() -> bool:
     return "nf_tables" in subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
 
 
@@ -48,7 +48,7 @@ class IptablesBackend:
         if not self._canary_ok:
             return True
         if self._nf_tables is None:
-            self._nf_tables = _uses_nf_tables()
+            self._nf_tables = uses_nf_tables()
         if self._nf_tables:
             gone = not all(nfnetlink.chain_exists(t, CANARY) for t in CANARY_TABLES)
             emptied = any(nfnetlink.chain_rule_count(t, c) == 0 for t, c in NEVER_EMPTY)

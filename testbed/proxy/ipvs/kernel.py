@@ -112,6 +112,10 @@ class Netlink:
                         svc.get_attr("IPVS_SVC_ATTR_TIMEOUT") if persistent else 0)
         return out
 
+    def has_ipvs(self) -> bool:
+        """The kernel has IPVS (in this namespace)."""
+        return Path("/proc/net/ip_vs").exists()
+
     def has_service(self, vs: VirtualServer) -> bool:
         try:
             self.ipvs.service("get", service=IPVSService(**_service_attrs(vs)))
