@@ -97,11 +97,14 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
               help="Comma-separated CIDRs: NodePorts only on the node's addresses inside them (default: all).")
 @click.option("--min-sync-period", type=Duration(), default="1s", show_default=True,
               help="Least time between two syncs (0 for tests).")
+@click.option("--ipvs-scheduler", default="rr", show_default=True,
+              help="IPVS mode: the virtual services' scheduler (rr wrr lc wlc lblc lblcr sh dh sed nq).")
 @click.option("--metrics-address", default="0.0.0.0:10249", show_default=True,
               help="Where /metrics and /healthz are served.")
 @pass_target
 def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
-               cluster_cidr: str, nodeport_addresses: str, min_sync_period: float, metrics_address: str) -> None:
+               cluster_cidr: str, nodeport_addresses: str, min_sync_period: float, ipvs_scheduler: str,
+               metrics_address: str) -> None:
     """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules.
 
     Its node IPs are the addresses it finds in that namespace."""
@@ -119,7 +122,8 @@ def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_na
                                  f"{nodeport_addresses}", param_hint="--nodeport-addresses")
     try:
         backend = backends.create(proxy_mode, backends.NodeSettings(
-            node_name, cluster_cidr=cluster_cidr or None, node_ips=node_ips, nodeport_addresses=nodeport_ips))
+            node_name, cluster_cidr=cluster_cidr or None, node_ips=node_ips, nodeport_addresses=nodeport_ips,
+            ipvs_scheduler=ipvs_scheduler))
     except backends.Unsupported as exc:
         raise click.ClickException(str(exc)) from None
     address, token = api_endpoint(target, api, token_file)

@@ -13,6 +13,8 @@
     kubeProxy:
       mode: iptables          # iptables | nftables | ipvs
       minSyncPeriod: 1s
+      ipvs:
+        scheduler: rr         # IPVS mode: rr | wrr | lc | wlc | lblc | lblcr | sh | dh | sed | nq
     nodeMonitorGracePeriod: 5s
     loadBalancer:             # the cloud load balancer (cloud-controller + OpenFlow app)
       healthCheckInterval: 500ms
@@ -67,6 +69,7 @@ class ClusterConfig:
     node_port_range: str = "30000-32767"
     proxy_mode: str = "iptables"
     min_sync_period: float = 1.0
+    ipvs_scheduler: str = "rr"
     node_monitor_grace_period: float = 5.0
     lb_health_interval: float = 0.5
     lb_health_timeout: float = 0.4
@@ -112,6 +115,9 @@ class ClusterConfig:
                            ("unhealthyThreshold", self.lb_unhealthy_threshold)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
+        from testbed.proxy.ipvs.names import SCHEDULERS
+        if self.ipvs_scheduler not in SCHEDULERS:
+            raise ConfigError(f"kubeProxy.ipvs.scheduler: {self.ipvs_scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
         if self.proxy_mode not in MODES:
             raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(MODES)}")
         try:
@@ -167,8 +173,10 @@ class ClusterConfig:
                 values["proxy_mode"] = value
             elif key == "minSyncPeriod":
                 values["min_sync_period"] = _duration(f"kubeProxy.{key}", value)
+            elif key == "ipvs" and isinstance(value, dict) and set(value) <= {"scheduler"}:
+                values["ipvs_scheduler"] = str(value.get("scheduler") or "rr")
             else:
-                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: minSyncPeriod, mode)")
+                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: ipvs.scheduler, minSyncPeriod, mode)")
         if "nodeMonitorGracePeriod" in data:
             values["node_monitor_grace_period"] = _duration("nodeMonitorGracePeriod", data["nodeMonitorGracePeriod"])
         lb = data.get("loadBalancer") or {}

@@ -158,6 +158,7 @@ class Cluster:
             self.supervisor.start(f"kube-proxy-{node}", [
                 "--state-dir", str(self.state.path), "--name", self.config.name, "kube-proxy",
                 "--node-name", node, "--proxy-mode", self.config.proxy_mode,
+                *(["--ipvs-scheduler", self.config.ipvs_scheduler] if self.config.proxy_mode == "ipvs" else []),
                 "--cluster-cidr", self.config.pod_subnet, "--min-sync-period", str(self.config.min_sync_period),
                 "--metrics-address", f"{self.network.node_ip(node)}:10249",
             ], netns=self.network.netns(node))
