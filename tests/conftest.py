@@ -25,11 +25,21 @@ REPO = Path(__file__).resolve().parent.parent
 TIERS = ("unit", "kernel", "cluster")  # pyproject.toml describes them; `make test-unit` runs the first
 
 
+IN_VM = os.environ.get("SVCLAB_IN_VM") == "1"  # set by `svclab vm` (testbed/vm/boot.py)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test belongs to a tier: a module's pytestmark, or its own mark (the more demanding wins)."""
+    """Every test belongs to a tier: a module's pytestmark, or its own mark (the more demanding wins).
+    Tests marked vm need the stock kernel: outside the VM they are deselected, and
+    tests/test_vm_tier.py runs them all in one VM boot."""
     untiered = [item.nodeid for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
     if untiered:
         raise pytest.UsageError(f"tests without a tier marker ({', '.join(TIERS)}): {', '.join(untiered)}")
+    if not IN_VM:
+        in_vm_only = [item for item in items if item.get_closest_marker("vm")]
+        if in_vm_only:
+            config.hook.pytest_deselected(items=in_vm_only)
+            items[:] = [item for item in items if not item.get_closest_marker("vm")]
 
 
 def run(coro):

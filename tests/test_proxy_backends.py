@@ -160,7 +160,7 @@ def test_nodeport_addresses_accept_nodeports_on_those_addresses_only(netns, back
     with inside(node):
         node_ips = nodeaddrs.local_ipv4_addresses()
     assert node_ips == ("10.244.1.1", "172.18.0.2", "203.0.113.1")  # found in the namespace, loopback left out
-    only = nodeaddrs.within(node_ips, nodeaddrs.parse_cidrs("172.18.0.0/16"))
+    only = nodeaddrs.within(node_ips, nodeaddrs.parse_cidrs("172.18.0.0/16").ipv4)
     assert only == ("172.18.0.2",)
     web = svc("default", "web", "10.96.0.31", type="NodePort",
               ports=[{"name": "p80", "port": 80, "targetPort": 8080, "nodePort": 30090}])
@@ -173,7 +173,10 @@ def test_nodeport_addresses_accept_nodeports_on_those_addresses_only(netns, back
 
 
 def test_parse_cidrs_names_the_bad_one():
-    assert nodeaddrs.parse_cidrs("10.0.0.0/8, 172.18.0.5/16") == ("10.0.0.0/8", "172.18.0.0/16")
-    assert nodeaddrs.parse_cidrs("") == ()
-    with pytest.raises(ValueError, match="--nodeport-addresses: '10.0.0.300/8' is not an IPv4 CIDR"):
+    assert nodeaddrs.parse_cidrs("10.0.0.0/8, 172.18.0.5/16").ipv4 == ("10.0.0.0/8", "172.18.0.0/16")
+    assert nodeaddrs.parse_cidrs("") == ((), ())
+    assert nodeaddrs.parse_cidrs("fd00::/64,10.0.0.0/8") == (("10.0.0.0/8",), ("fd00::/64",))
+    with pytest.raises(ValueError, match="--nodeport-addresses: '10.0.0.300/8' is not a CIDR"):
         nodeaddrs.parse_cidrs("10.0.0.0/8,10.0.0.300/8")
+    with pytest.raises(ValueError, match="--service-cidr: 'x' is not a CIDR"):
+        nodeaddrs.parse_cidrs("x", "--service-cidr")

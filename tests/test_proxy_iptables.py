@@ -74,9 +74,11 @@ GOLDEN_BASIC = """\
 *filter
 :KUBE-SERVICES - [0:0]
 :KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FIREWALL - [0:0]
 :KUBE-FORWARD - [0:0]
 :KUBE-NODEPORTS - [0:0]
 :KUBE-PROXY-FIREWALL - [0:0]
+-A KUBE-FIREWALL -m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
 -A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
 -A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
 -A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
@@ -254,7 +256,8 @@ def test_nodeport_addresses_limit_the_nodeports_jump_to_those_ips(golden):
 def test_without_cluster_cidr_no_local_detector_rules(golden):
     state, _ = golden
     doc = ipt.render(state).document
-    assert "! -s" not in doc and "pod traffic for" not in doc
+    nat = doc.split("*nat\n", 1)[1]  # the filter table's KUBE-FIREWALL has a `! -s 127.0.0.0/8` of its own
+    assert "! -s" not in nat and "pod traffic for" not in doc
     masq_all = ipt.render(state, config=ipt.Config(masquerade_all=True, random_fully=True)).document
     assert rules(masq_all, "nat", names("ns1").svc)[0].endswith("--dport 80 -j KUBE-MARK-MASQ")
     assert rules(masq_all, "nat", "KUBE-POSTROUTING")[-1].endswith("-j MASQUERADE --random-fully")
@@ -445,7 +448,7 @@ def test_kernel_loads_the_golden_document(netns, golden):
     assert result.chains <= chains(dump, "nat")
     assert set(ipt.FILTER_CHAINS) <= chains(dump, "filter")
     assert sum(r.endswith("-j KUBE-SERVICES") for r in rules(dump, "nat", "PREROUTING")) == 1
-    assert len(rules(dump, "filter", "FORWARD")) == 4 and len(rules(dump, "filter", "INPUT")) == 3
+    assert len(rules(dump, "filter", "FORWARD")) == 4 and len(rules(dump, "filter", "INPUT")) == 4
     # the kernel's normalised spelling of what was written
     c1 = names("ns1")
     assert "--probability 0.50000000000" in rules(dump, "nat", c1.svc)[1]

@@ -58,6 +58,20 @@ def test_invalid_services_are_refused(apiserver, spec, message):
     run(scenario())
 
 
+def test_space_padded_load_balancer_source_ranges_are_accepted_and_kept_as_given(apiserver):
+    """As upstream's validation: each entry is trimmed before the CIDR check (kube-proxy and the
+    cloud load balancer trim it too); the object keeps what was written."""
+    padded = [" 203.0.113.0/25 ", "\t10.0.0.0/8\n"]
+
+    async def scenario():
+        async with apiserver.client() as c:
+            created = await c.create(service("web", type="LoadBalancer", loadBalancerSourceRanges=padded))
+            assert list(created.spec.load_balancer_source_ranges) == padded
+            with pytest.raises(ApiError, match='spec.loadBalancerSourceRanges\\[0\\]: Invalid value: " 10.0.0.0/33 "'):
+                await c.create(service("bad", type="LoadBalancer", loadBalancerSourceRanges=[" 10.0.0.0/33 "]))
+    run(scenario())
+
+
 @pytest.mark.parametrize("name", ["Web", "1web", "web_1", "-web", "a" * 64])
 def test_service_names_are_dns1035_labels(apiserver, name):
     async def scenario():

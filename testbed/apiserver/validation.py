@@ -241,8 +241,8 @@ def _service_external_addresses(spec: pb.ServiceSpec) -> list[FieldError]:
     """Source ranges, external and LoadBalancer IPs, the health-check node port."""
     errs = []
     for i, cidr in enumerate(spec.load_balancer_source_ranges):
-        try:
-            ipaddress.IPv4Network(cidr, strict=False)
+        try:  # space-padded values pass, as upstream (a relic of the annotation): consumers trim them
+            ipaddress.IPv4Network(cidr.strip(), strict=False)
         except ValueError:
             errs.append(invalid(f"spec.loadBalancerSourceRanges[{i}]", cidr,
                                 "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 "))

@@ -92,9 +92,20 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
 @click.option("--proxy-mode", type=click.Choice(MODES), default="iptables",
               show_default=True)
 @click.option("--cluster-cidr", default="10.244.0.0/16", show_default=True,
-              help="Pod addresses: traffic to Services from outside it is masqueraded.")
+              help="Pod addresses: traffic to ClusterIPs from outside it is masqueraded. '' for none: no "
+                   "pod-traffic detection (upstream's no-op local detector), so no such masquerade and no "
+                   "short-circuit of pods' traffic to Local-policy external IPs.")
 @click.option("--nodeport-addresses", default="", metavar="CIDRS",
               help="Comma-separated CIDRs: NodePorts only on the node's addresses inside them (default: all).")
+@click.option("--iptables-localhost-nodeports", "localhost_nodeports", type=click.BOOL, default=True,
+              show_default=True, help="iptables mode: NodePorts answer on 127.0.0.0/8 too, where "
+              "--nodeport-addresses allow it (route_localnet set in the node's namespace). Other modes "
+              "never do, as upstream.")
+@click.option("--masquerade-all", is_flag=True,
+              help="Masquerade every packet to a ClusterIP, pods' too (upstream's flag).")
+@click.option("--service-cidr", default="", metavar="CIDRS",
+              help="The cluster's Service ranges, comma-separated: nftables mode drops traffic to their "
+                   "unallocated addresses (default: none, no drop).")
 @click.option("--min-sync-period", type=Duration(), default="1s", show_default=True,
               help="Least time between two syncs (0 for tests).")
 @click.option("--ipvs-scheduler", default="rr", show_default=True,
@@ -103,27 +114,23 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
               help="Where /metrics and /healthz are served.")
 @pass_target
 def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
-               cluster_cidr: str, nodeport_addresses: str, min_sync_period: float, ipvs_scheduler: str,
-               metrics_address: str) -> None:
+               cluster_cidr: str, nodeport_addresses: str, localhost_nodeports: bool, masquerade_all: bool,
+               service_cidr: str, min_sync_period: float, ipvs_scheduler: str, metrics_address: str) -> None:
     """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules.
 
     Its node IPs are the addresses it finds in that namespace."""
     from testbed.proxy import backends, nodeaddrs
+    from testbed.proxy.flags import FlagError, KubeProxyFlags, node_settings
     from testbed.proxy.server import run
 
+    flags = KubeProxyFlags(node_name, proxy_mode, cluster_cidr, nodeport_addresses, masquerade_all, service_cidr,
+                           localhost_nodeports, ipvs_scheduler)
     try:
-        cidrs = nodeaddrs.parse_cidrs(nodeport_addresses)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc).split(": ", 1)[1], param_hint="--nodeport-addresses") from None
-    node_ips = nodeaddrs.local_ipv4_addresses()
-    nodeport_ips = nodeaddrs.within(node_ips, cidrs) if cidrs else ()
-    if cidrs and not nodeport_ips:
-        raise click.BadParameter(f"no address of this namespace ({', '.join(node_ips) or 'none'}) is inside "
-                                 f"{nodeport_addresses}", param_hint="--nodeport-addresses")
+        settings = node_settings(flags, nodeaddrs.local_ipv4_addresses(loopback=True))
+    except FlagError as exc:
+        raise click.BadParameter(exc.message, param_hint=exc.option) from None
     try:
-        backend = backends.create(proxy_mode, backends.NodeSettings(
-            node_name, cluster_cidr=cluster_cidr or None, node_ips=node_ips, nodeport_addresses=nodeport_ips,
-            ipvs_scheduler=ipvs_scheduler))
+        backend = backends.create(proxy_mode, settings)
     except backends.Unsupported as exc:
         raise click.ClickException(str(exc)) from None
     address, token = api_endpoint(target, api, token_file)

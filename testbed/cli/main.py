@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from testbed.cli import cluster_cmds, components, fault_cmds, objects, scenario_cmds, supervise_cmds
+from testbed.cli import cluster_cmds, components, fault_cmds, objects, scenario_cmds, supervise_cmds, vm_cmds
 from testbed.cli.common import NAME_HELP, SvclabGroup, make_target
 from testbed.paths import cluster_from_env
 
@@ -30,5 +30,5 @@ for command in (objects.apply, objects.get, objects.describe_cmd, objects.delete
                 components.kubelet, components.cloud_controller, components.lb_controller,
                 cluster_cmds.up, cluster_cmds.demo, cluster_cmds.down, cluster_cmds.clean_cmd, cluster_cmds.exec_cmd,
                 cluster_cmds.rules, supervise_cmds.status, supervise_cmds.stop, supervise_cmds.start,
-                supervise_cmds.restart, scenario_cmds.validate, scenario_cmds.run, fault_cmds.fault):
+                supervise_cmds.restart, scenario_cmds.validate, scenario_cmds.run, fault_cmds.fault, vm_cmds.vm):
     cli.add_command(command)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from testbed.cli.common import Duration
 from testbed.scenario.loader import ScenarioError, load_scenario
 
 EXIT_NOT_RUN = 2  # runner.EXIT_NOT_RUN (not imported here: `svclab validate` stays light)
@@ -62,9 +63,11 @@ def _stop(message: str) -> None:
 @click.option("--keep", is_flag=True, help="Leave the (last) cluster up for inspection; `svclab down` ends it.")
 @click.option("--name", "cluster_name", default=None,
               help="The cluster's name (default: the scenario's cluster.name, else made from its name).")
+@click.option("--start-timeout", type=Duration(), default="120s", show_default=True,
+              help="How long the cluster may take to start (raise it where everything is slow, e.g. in `svclab vm`).")
 @click.pass_context
 def run(ctx: click.Context, file: Path, report_dir: Path | None, seed: int | None, proxy_modes: str | None,
-        keep: bool, cluster_name: str | None) -> None:
+        keep: bool, cluster_name: str | None, start_timeout: float) -> None:
     """Run a scenario: a fresh cluster, its manifests, traffic, timeline and assertions; a report.
 
     Exit status 0 when every assertion held, 1 when one failed, 2 when the scenario could not
@@ -91,7 +94,7 @@ def run(ctx: click.Context, file: Path, report_dir: Path | None, seed: int | Non
     if is_running(state):
         _stop(f'cluster "{name}" is already running (svclab down --name {name}, or svclab run --name OTHER)')
     directory = report_dir or Path.cwd() / f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    options = RunOptions(name, root, modes or scenario.cluster.proxy_modes, directory, keep)
+    options = RunOptions(name, root, modes or scenario.cluster.proxy_modes, directory, keep, start_timeout)
     outcome = run_scenario(scenario, options)
     _report(outcome, directory)
     if outcome.kept is not None:

@@ -185,7 +185,7 @@ class CloudController:
             ports = tuple(Port(p.protocol, p.port, p.node_port) for p in svc.spec.ports
                           if p.protocol in PROTOCOLS and p.node_port)
             lbs.append(LoadBalancer(ip, "/".join(key_of(svc)), ports, tuple(backends),
-                                    tuple(svc.spec.load_balancer_source_ranges)))
+                                    tuple(r.strip() for r in svc.spec.load_balancer_source_ranges)))
         self.checker.track(targets)
         self.feed.publish(Table(tuple(lbs)))
 

@@ -13,6 +13,7 @@
     kubeProxy:
       mode: iptables          # iptables | nftables | ipvs
       minSyncPeriod: 1s
+      masqueradeAll: false    # masquerade every packet to a ClusterIP (kube-proxy --masquerade-all)
       ipvs:
         scheduler: rr         # IPVS mode: rr | wrr | lc | wlc | lblc | lblcr | sh | dh | sed | nq
     nodeMonitorGracePeriod: 5s
@@ -69,6 +70,7 @@ class ClusterConfig:
     node_port_range: str = "30000-32767"
     proxy_mode: str = "iptables"
     min_sync_period: float = 1.0
+    masquerade_all: bool = False
     ipvs_scheduler: str = "rr"
     node_monitor_grace_period: float = 5.0
     lb_health_interval: float = 0.5
@@ -115,6 +117,8 @@ class ClusterConfig:
                            ("unhealthyThreshold", self.lb_unhealthy_threshold)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
+        if not isinstance(self.masquerade_all, bool):
+            raise ConfigError(f"kubeProxy.masqueradeAll: {self.masquerade_all!r}: must be true or false")
         from testbed.proxy.ipvs.names import SCHEDULERS
         if self.ipvs_scheduler not in SCHEDULERS:
             raise ConfigError(f"kubeProxy.ipvs.scheduler: {self.ipvs_scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
@@ -138,6 +142,16 @@ class ClusterConfig:
     def dns_ip(self) -> str:
         """Cluster DNS: the 10th address of the service subnet (10.96.0.10), as kubeadm picks it."""
         return str(ipaddress.IPv4Network(self.service_subnet).network_address + 10)
+
+    def kube_proxy_flags(self) -> list[str]:
+        """The kube-proxy command's flags for what this config says of kube-proxy."""
+        flags = ["--proxy-mode", self.proxy_mode, "--cluster-cidr", self.pod_subnet,
+                 "--service-cidr", self.service_subnet, "--min-sync-period", str(self.min_sync_period)]
+        if self.masquerade_all:
+            flags.append("--masquerade-all")
+        if self.proxy_mode == "ipvs":
+            flags += ["--ipvs-scheduler", self.ipvs_scheduler]
+        return flags
 
     def with_overrides(self, **values: Any) -> "ClusterConfig":
         return replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -175,8 +189,10 @@ class ClusterConfig:
                 values["min_sync_period"] = _duration(f"kubeProxy.{key}", value)
             elif key == "ipvs" and isinstance(value, dict) and set(value) <= {"scheduler"}:
                 values["ipvs_scheduler"] = str(value.get("scheduler") or "rr")
+            elif key == "masqueradeAll":
+                values["masquerade_all"] = value
             else:
-                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: ipvs.scheduler, minSyncPeriod, mode)")
+                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: ipvs.scheduler, masqueradeAll, minSyncPeriod, mode)")
         if "nodeMonitorGracePeriod" in data:
             values["node_monitor_grace_period"] = _duration("nodeMonitorGracePeriod", data["nodeMonitorGracePeriod"])
         lb = data.get("loadBalancer") or {}

@@ -31,15 +31,24 @@ class NodeSettings:
 
     cluster_cidr: the cluster's pod CIDR (upstream's local-traffic detector; None or "": none).
     node_ips: the node's addresses. nodeport_addresses: those of them that accept NodePorts
-    (--nodeport-addresses resolved; empty: every local address). ipvs_scheduler: IPVS mode's
-    --ipvs-scheduler ("" : rr). ipvs_drain_timeout: seconds a removed IPVS real server may keep
-    its connections before it is deleted.
+    (--nodeport-addresses resolved; empty: every local address).
+    masquerade_all: masquerade every packet to a ClusterIP (--masquerade-all).
+    service_cidrs: the cluster's Service ranges (--service-cidr): nftables mode drops traffic to
+    their unallocated addresses (upstream's cluster-ips-check); iptables mode has no such drop.
+    localhost_nodeports: NodePorts on 127.0.0.0/8 too, where nodeport_addresses allow them (empty,
+    or holding a loopback address): iptables mode only (upstream's --iptables-localhost-nodeports),
+    which sets route_localnet in the node's namespace; the other modes ignore it, as upstream.
+    ipvs_scheduler: IPVS mode's --ipvs-scheduler ("": rr). ipvs_drain_timeout: seconds a removed
+    IPVS real server may keep its connections before it is deleted.
     """
 
     node_name: str
     cluster_cidr: str | None = None
     node_ips: tuple[str, ...] = ()
     nodeport_addresses: tuple[str, ...] = ()
+    masquerade_all: bool = False
+    service_cidrs: tuple[str, ...] = ()
+    localhost_nodeports: bool = True
     ipvs_scheduler: str = ""
     ipvs_drain_timeout: float = 900.0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from testbed.proxy.ipvs import KernelLacksIpvs, check_kernel
 
-WHERE_IT_WORKS = ("the stock-kernel VM: the Vagrant lab (Vagrantfile) or vng booting Debian's linux-image-amd64 "
+WHERE_IT_WORKS = ("the stock-kernel VM: `svclab vm -- svclab run SCENARIO.yaml` here, or the Vagrant lab "
                   "(scenarios/README.md, \"Where delay works\")")
 
 

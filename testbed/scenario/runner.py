@@ -42,6 +42,7 @@ from testbed.scenario.traffic import Traffic
 
 LEAD_S = 2.0  # t0 this long after the generators are launched: each is set up and waiting by then
 SERVE_TIMEOUT_S = 90.0
+START_TIMEOUT_S = 120.0  # the cluster up and its manifests applied (Cluster.start)
 EXIT_PASSED, EXIT_FAILED, EXIT_NOT_RUN = 0, 1, 2
 
 
@@ -56,6 +57,7 @@ class RunOptions:
     modes: list[str]
     report_dir: Path
     keep: bool = False
+    start_timeout: float = START_TIMEOUT_S  # svclab run --start-timeout: slow machines (the TCG VM) need more
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
 
@@ -94,7 +96,7 @@ class ModeRun:
                                    f"({self.settings['nodes']} nodes)", markup=False, highlight=False)
         started = time.monotonic()
         try:
-            self.cluster.start(self.scenario.manifest_objects().objects)
+            self.cluster.start(self.scenario.manifest_objects().objects, timeout=self.options.start_timeout)
         except ClusterError as exc:
             raise RunError(f"the cluster did not start: {exc}") from None
         self.cluster.processes.record("up", os.getpid())  # `svclab down` stops the run (SIGTERM)
@@ -103,9 +105,10 @@ class ModeRun:
     def _wait_serving(self, live: Live) -> None:
         started = time.monotonic()
         cluster = ClusterState(live, self.options.cluster_name, self.state.path)
-        state = wait_until(cluster.serving, SERVE_TIMEOUT_S)
+        timeout = SERVE_TIMEOUT_S + max(0.0, self.options.start_timeout - START_TIMEOUT_S)
+        state = wait_until(cluster.serving, timeout)
         if not state.holds:
-            raise RunError(f"the manifests did not serve within {SERVE_TIMEOUT_S:g}s: {state.detail}")
+            raise RunError(f"the manifests did not serve within {timeout:g}s: {state.detail}")
         self.extra["serving_s"] = round(time.monotonic() - started, 2)
 
     def _play(self, live: Live) -> None:

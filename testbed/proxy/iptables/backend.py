@@ -27,6 +27,13 @@ CANARY_TABLES = ("mangle", "nat", "filter")
 NEVER_EMPTY = (("nat", iptables.KUBE_MARK_MASQ), ("filter", iptables.KUBE_FORWARD))
 
 
+def localhost_nodeports(settings: NodeSettings) -> bool:
+    """Whether NodePorts answer on 127.0.0.0/8: the flag, and NodePorts on every local address or
+    on a loopback one (upstream: NodePortAddresses.ContainsIPv4Loopback)."""
+    addresses = settings.nodeport_addresses
+    return settings.localhost_nodeports and (not addresses or any(a.startswith("127.") for a in addresses))
+
+
 def uses_nf_tables() -> bool:
     return "nf_tables" in subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
 
@@ -36,7 +43,9 @@ class IptablesBackend:
 
     def __init__(self, settings: NodeSettings) -> None:
         self.config = iptables.Config(cluster_cidr=settings.cluster_cidr or None, node_ips=settings.node_ips,
-                                      nodeport_addresses=settings.nodeport_addresses)
+                                      nodeport_addresses=settings.nodeport_addresses,
+                                      masquerade_all=settings.masquerade_all,
+                                      localhost_nodeports=localhost_nodeports(settings))
         self.node_name = settings.node_name
         self._programmed: iptables.Programmed | None = None
         self._canary_ok = False
@@ -65,6 +74,8 @@ class IptablesBackend:
         """Apply the state; returns the number of rules programmed per table."""
         full = changed is None
         if full:
+            if self.config.localhost_nodeports:
+                kernel.enable_route_localnet()
             self._ensure_hooks()
         result = iptables.render(state, changed, self._programmed, self.config)
         if result.document:

@@ -44,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection, NamedTuple
 
-from testbed.proxy.iptables.names import (FILTER_CHAINS, KUBE_MARK_MASQ, MASQ_MARK, NAT_CHAINS, Config,
+from testbed.proxy.iptables.names import (FILTER_CHAINS, KUBE_FIREWALL, KUBE_MARK_MASQ, MASQ_MARK, NAT_CHAINS, Config,
                                           service_chains_in)
 from testbed.proxy.iptables.services import ServiceTop, _Output, _Renderer
 from testbed.proxy.model import Endpoint, ProxyState, ServicePortName
@@ -191,7 +191,7 @@ def _document(out: _Output, top: _TopLevel, stale: list[str], config: Config, fu
     sectioned = bool(config.section_chains) and len(out.nat_chains) > config.section_chains
     lines: list[str] = []
     if write_filter:
-        lines += _filter_table(top.filter_top)
+        lines += _filter_table(top.filter_top, config)
     if sectioned:
         lines += _sections(out, config.section_chains)
     lines.append("*nat")
@@ -210,10 +210,13 @@ def _document(out: _Output, top: _TopLevel, stale: list[str], config: Config, fu
     return lines
 
 
-def _filter_table(filter_top: tuple[str, ...]) -> list[str]:
+def _filter_table(filter_top: tuple[str, ...], config: Config) -> list[str]:
     mark = MASQ_MARK
     lines = ["*filter"]
     lines += [f":{chain} - [0:0]" for chain in FILTER_CHAINS]
+    if config.localhost_nodeports:  # route_localnet is on: only DNAT may bring packets to 127.0.0.0/8
+        lines.append(f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
+                     "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP")
     lines += filter_top
     lines += [
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
@@ -239,7 +242,8 @@ def _nat_top(top: _TopLevel, config: Config, mark_masq: bool) -> list[str]:
     if mark_masq:
         lines.append(f"-A KUBE-MARK-MASQ -j MARK --or-mark {mark}")
     lines += [rule for _, rule in top.service_jumps]
-    destinations = [f"-d {ip}" for ip in config.nodeport_addresses] or ["-m addrtype --dst-type LOCAL"]
+    match_all = "-m addrtype --dst-type LOCAL" + ("" if config.localhost_nodeports else " ! -d 127.0.0.0/8")
+    destinations = [f"-d {ip}" for ip in config.nodeport_addresses] or [match_all]
     lines += [f'-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the '
               f'last rule in this chain" {destination} -j KUBE-NODEPORTS' for destination in destinations]
     lines += [rule for _, rule in top.nodeport_jumps]

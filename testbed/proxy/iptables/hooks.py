@@ -14,7 +14,7 @@ from typing import Iterable
 
 from testbed.proxy import kernel
 
-from testbed.proxy.iptables.names import (KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_POSTROUTING,
+from testbed.proxy.iptables.names import (KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_POSTROUTING,
                                           KUBE_PROXY_FIREWALL, KUBE_SERVICES)
 
 
@@ -59,6 +59,8 @@ _HOOKS = (
     hook("filter", "INPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", *_NEW),
     hook("filter", "OUTPUT", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", *_NEW),
     hook("filter", "FORWARD", KUBE_PROXY_FIREWALL, "kubernetes load balancer firewall", *_NEW),
+    hook("filter", "INPUT", KUBE_FIREWALL, "kubernetes localhost nodeports firewall"),  # kubelet's, uncommented
+    hook("filter", "OUTPUT", KUBE_FIREWALL, "kubernetes localhost nodeports firewall"),
     hook("nat", "OUTPUT", KUBE_SERVICES, "kubernetes service portals"),
     hook("nat", "PREROUTING", KUBE_SERVICES, "kubernetes service portals"),
     hook("nat", "POSTROUTING", KUBE_POSTROUTING, "kubernetes postrouting rules"),

@@ -23,11 +23,12 @@ KUBE_EXTERNAL_SERVICES = "KUBE-EXTERNAL-SERVICES"
 KUBE_NODEPORTS = "KUBE-NODEPORTS"
 KUBE_FORWARD = "KUBE-FORWARD"
 KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
+KUBE_FIREWALL = "KUBE-FIREWALL"  # upstream's (and kubelet's) guard of localhost NodePorts
 KUBE_POSTROUTING = "KUBE-POSTROUTING"
 KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_PROXY_CANARY = "KUBE-PROXY-CANARY"  # an empty chain in mangle, nat and filter; gone = flushed
 
-FILTER_CHAINS = (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL)
+FILTER_CHAINS = (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FIREWALL, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL)
 NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
 
@@ -51,6 +52,10 @@ class Config:
       to this node's IPs); empty: every local address (`-m addrtype --dst-type LOCAL`, upstream's
       default).
     masquerade_all: masquerade all traffic to ClusterIPs (--masquerade-all).
+    localhost_nodeports: NodePorts on 127.0.0.0/8 (upstream's --iptables-localhost-nodeports, on
+      by default; the backend sets route_localnet in the node's namespace): KUBE-FIREWALL drops
+      packets to 127.0.0.0/8 from elsewhere that no DNAT made. Off: the match-all NodePort jump
+      gets `! -d 127.0.0.0/8`, as upstream.
     random_fully: add --random-fully to MASQUERADE (upstream does when iptables supports it).
     large_cluster_endpoints: above this many endpoints in all, per-endpoint comments are left
       out (upstream's largeClusterMode, 1000).
@@ -63,6 +68,7 @@ class Config:
     node_ips: tuple[str, ...] = ()
     nodeport_addresses: tuple[str, ...] = ()
     masquerade_all: bool = False
+    localhost_nodeports: bool = True
     random_fully: bool = False
     large_cluster_endpoints: int = LARGE_CLUSTER_ENDPOINTS
     section_chains: int = SECTION_CHAINS

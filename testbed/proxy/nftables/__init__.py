@@ -13,9 +13,10 @@ Modules:
 Deviations from upstream on purpose: no endpoint chains and the cascade (services.py); chain
 blocks and element declarations instead of `add rule` / `add element`; removals by rewriting a
 set or map; stale chain deletion batched (transaction.py); the first sync replaces the table
-(upstream keeps it, and its affinity entries, across restarts); IPv4 only; no
-`cluster-ips-check` drop of unallocated ClusterIPs unless `service_cidrs` is given (the backend
-is not told the Service CIDR). The base chains are upstream's current ones: its earlier
+(upstream keeps it, and its affinity entries, across restarts); IPv4 only; the
+`cluster-ips-check` drop of unallocated ClusterIPs covers `service_cidrs` (kube-proxy's
+--service-cidr, which the cluster sets to its service subnet) where upstream reads the
+ServiceCIDR objects. The base chains are upstream's current ones: its earlier
 filter-input/forward/output at dstnat-10 would check for endpoints before DNAT, and so drop the
 node's own short-circuited traffic to a Local Service.
 """

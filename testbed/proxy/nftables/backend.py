@@ -38,7 +38,8 @@ class NftablesBackend:
 
     def __init__(self, settings: NodeSettings) -> None:
         self.config = nft.Config(cluster_cidr=settings.cluster_cidr or None, node_ips=settings.node_ips,
-                                 nodeport_addresses=settings.nodeport_addresses)
+                                 nodeport_addresses=settings.nodeport_addresses,
+                                 masquerade_all=settings.masquerade_all, service_cidrs=settings.service_cidrs)
         self.node_name = settings.node_name
         self._programmed: nft.Programmed | None = None  # None: the kernel's content is unknown
         self._table_handle: int | None = None
