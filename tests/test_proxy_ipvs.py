@@ -98,7 +98,10 @@ def node_with_pods(netns, servers: bool = True) -> tuple[str, str, str, str]:
         run(["ip", "-n", pod, "addr", "add", f"{ip}/24", "dev", "eth0"])
         run(["ip", "-n", pod, "link", "set", "eth0", "up"])
         run(["ip", "-n", pod, "route", "add", "default", "via", "10.244.1.1"])
+        # hairpin on, as svclab's pod network sets it (testbed/node/podnet.py): a pod's reply to
+        # itself through a Service (masqueraded to 10.244.1.1) comes back out of its own port
         run(["ip", "-n", node, "link", "set", veth, "master", "cni0", "up"])
+        run(["ip", "-n", node, "link", "set", veth, "type", "bridge_slave", "hairpin", "on"])
     link(node, "eth0", "203.0.113.1/24", ext, "eth0", "203.0.113.2/24")
     run(["ip", "-n", node, "addr", "add", f"{NODE_IP}/16", "dev", "eth0"])
     run(["ip", "-n", ext, "route", "add", "default", "via", "203.0.113.1"])
@@ -244,7 +247,8 @@ def test_removed_endpoint_drains_then_goes(netns):
         with fresh:
             fresh.sendall(b"x")
             assert fresh.recv(10) == b"x"
-        assert kernel_view(node)["dests"][key][f"{POD2}:8080"].active == 1  # the new one went to pod2
+        new_one = kernel_view(node)["dests"][key][f"{POD2}:8080"]
+        assert new_one.active == 1, (new_one, in_ns(node, "ipvsadm", "-Lnc").stdout)  # the new one went to pod2
         with inside(node), Netlink() as nl:
             assert backend.drainer.process(nl) == 0  # still busy, before the timeout
         time.sleep(3.2)

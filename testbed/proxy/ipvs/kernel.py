@@ -223,7 +223,7 @@ class Netlink:
 
     def has_set(self, name: str) -> bool:
         try:
-            self.ipset.headers(name)
+            list(self.ipset.headers(name))  # a generator (pyroute2 0.9): the request runs when it is read
         except NetlinkError:
             return False
         return True

@@ -6,6 +6,7 @@ each is fine here; syncs use netlink (kernel.py).
 
 from __future__ import annotations
 
+import subprocess
 from typing import Iterable
 
 from testbed.proxy import kernel
@@ -28,8 +29,13 @@ def ipvsadm_restore(services: Iterable[VirtualService]) -> str:
 
 def check_in_scratch(services: list[VirtualService]) -> None:
     """Raise kernel.RulesFailed if the kernel refuses these virtual services, loaded into a
-    brand-new namespace (lo up: real servers need a routable address) that dies with the command."""
-    kernel.check_in_scratch_netns(["sh", "-c", "ip link set lo up && ipvsadm -R"], ipvsadm_restore(services))
+    brand-new namespace (lo up: real servers need a routable address) that dies with the command.
+    `ipvsadm -R` goes on after a refused line and exits with the last line's status (ipvsadm.c's
+    restore_table): any line it reports on stderr is the kernel's refusal."""
+    argv = ["unshare", "--net", "--", "sh", "-c", "ip link set lo up && ipvsadm -R"]
+    done = subprocess.run(argv, input=ipvsadm_restore(services), capture_output=True, text=True)
+    if done.returncode != 0 or done.stderr.strip():
+        raise kernel.RulesFailed(["ipvsadm", "-R"], done.returncode or 1, done.stderr or done.stdout)
 
 
 def dump_all() -> str:
