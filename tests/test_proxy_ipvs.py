@@ -244,11 +244,11 @@ def test_removed_endpoint_drains_then_goes(netns):
         assert held.recv(10) == b"two"
         with inside(ext):
             fresh = socket.create_connection(("10.96.0.40", 80), timeout=3)
-        with fresh:
+        with fresh:  # asked while it is open (once closed, IPVS counts it inactive: TIME_WAIT)
             fresh.sendall(b"x")
             assert fresh.recv(10) == b"x"
-        new_one = kernel_view(node)["dests"][key][f"{POD2}:8080"]
-        assert new_one.active == 1, (new_one, in_ns(node, "ipvsadm", "-Lnc").stdout)  # the new one went to pod2
+            new_one = kernel_view(node)["dests"][key][f"{POD2}:8080"]
+            assert new_one.active == 1, (new_one, in_ns(node, "ipvsadm", "-Lnc").stdout)  # it went to pod2
         with inside(node), Netlink() as nl:
             assert backend.drainer.process(nl) == 0  # still busy, before the timeout
         time.sleep(3.2)
