@@ -116,6 +116,30 @@ def test_cluster_not_running_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "invalid cluster name" in r.stderr
 
 
+def test_open_vswitch_out_of_reach_is_a_clear_error_that_leaves_nothing(tmp_path):
+    """ovs-vsctl looks for its database in OVS_RUNDIR: an empty one is a machine whose Open
+    vSwitch is not running. `svclab up` and `svclab run` say so (no traceback) and leave nothing."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "ovs").mkdir()
+    env = {**os.environ, "OVS_RUNDIR": str(tmp_path / "ovs")}
+    base = [sys.executable, "-m", "testbed", "--state-root", str(tmp_path / "state")]
+    up = subprocess.run([*base, "--name", "noovs", "up", "--nodes", "1"], capture_output=True, text=True,
+                        env=env, cwd=REPO, timeout=120)
+    run = subprocess.run([*base, "--name", "noovs2", "run", str(REPO / "scenarios/node-failure.yaml"),
+                          "--report", str(tmp_path / "report")], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    for r, status in ((up, 1), (run, 2)):
+        assert r.returncode == status, r.stderr
+        assert "Open vSwitch is not running" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [line for line in netns.splitlines() if line.startswith(("noovs-", "noovs2-"))], netns
+    r = subprocess.run([*base, "--name", "noovs", "clean"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "nothing" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+
+
 def test_kube_proxy_refuses_bad_nodeport_addresses_naming_the_option(tmp_path):
     import subprocess
     import sys
@@ -131,6 +155,29 @@ def test_kube_proxy_refuses_bad_nodeport_addresses_naming_the_option(tmp_path):
     assert r.returncode == 2 and "no address of this namespace (none) is inside 10.0.0.0/8" in r.stderr
 
 
+def test_kube_proxy_cleanup_removes_every_modes_rules_and_only_them(tmp_path):
+    """`kube-proxy --cleanup` (upstream's flag; node-crash uses it): in a fresh namespace holding
+    rules of both modes and someone else's chain, ours go and theirs stays."""
+    import shlex
+    import subprocess
+    import sys
+
+    from testbed.proxy.iptables.hooks import hook_rules
+
+    hooks = [f"iptables -w -t {r.table} -N {r.args[-1]} 2>/dev/null || true; iptables -w {shlex.join(r.insert_argv())}"
+             for r in hook_rules()]  # kube-proxy's jumps into its chains, as a sync leaves them
+    script = "\n".join(["set -e", "nft add table ip kube-proxy; nft add chain ip kube-proxy services", *hooks,
+                         "iptables -w -t nat -N THEIRS; iptables -w -t nat -A PREROUTING -j THEIRS"]) + f"""
+{sys.executable} -m testbed --state-dir {tmp_path} kube-proxy --node-name n1 --cleanup
+echo ---; nft list tables; iptables-save -t nat"""
+    r = subprocess.run(["unshare", "--net", "--", "sh", "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    said, _, after = r.stdout.partition("---")
+    assert said.strip() == "removed the rules of: iptables, nftables"
+    assert "kube-proxy" not in after and "KUBE-" not in after, after
+    assert ":THEIRS" in after and "-A PREROUTING -j THEIRS" in after, after
+
+
 def test_namespaces_and_all_namespaces(apiserver):
     apiserver.cli("apply", "-n", "team-a", "-f", f"{SEED}/service-clusterip.yaml")
     assert "frontend-service" in apiserver.cli("get", "svc", "-n", "team-a").stdout
@@ -138,3 +185,23 @@ def test_namespaces_and_all_namespaces(apiserver):
     out = apiserver.cli("get", "svc", "-A").stdout.splitlines()
     assert out[0].split()[0] == "NAMESPACE"
     assert any(line.split()[:2] == ["team-a", "frontend-service"] for line in out)
+
+
+def test_a_verb_imports_only_its_own_module():
+    """Each verb's module is imported when it runs (LazySvclabGroup): `svclab get` and the
+    components' starts skip the faults' and scenarios' imports; --help still lists every verb."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from testbed.cli.main import cli; cli([{args}], standalone_mode=False); "
+             "print(sorted(m for m in sys.modules if m.startswith(('testbed.faults', 'testbed.scenario', "
+             "'testbed.cli.'))))")
+    r = subprocess.run([sys.executable, "-c", probe.format(args="'get', '--help'")], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    loaded = r.stdout.strip().splitlines()[-1]
+    assert "testbed.cli.objects" in loaded and "faults" not in loaded and "scenario" not in loaded, loaded
+    r = subprocess.run([sys.executable, "-m", "testbed", "--help"], capture_output=True, text=True, cwd=REPO)
+    verbs = {line.split()[0] for line in r.stdout.partition("Commands:")[2].splitlines() if line.strip()}
+    from testbed.cli.main import VERBS
+    assert verbs == set(VERBS) and {"get", "fault", "run", "vm", "kube-proxy"} <= verbs, verbs

@@ -356,10 +356,20 @@ def test_node_crash_takes_the_node_out_and_recover_brings_it_back(lab):
     node = pods_on(lab, "app=frontend")[0]["spec"]["nodeName"]
     serving = endpoints_on(lab, node)
     assert serving and all(serving)
-    faults.node_crash(target(lab), node)
+
+    def in_node(*argv: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", netns(lab, node), *argv], capture_output=True, text=True).stdout
+
+    assert http_get(netns(lab, "client"), IP[node], 30007)  # a tracked connection, in TIME_WAIT
+    assert in_node("conntrack", "-L", "-p", "tcp", "--orig-port-dst", "30007").strip()
+    fault = faults.node_crash(target(lab), node)
     states = components(lab)
     assert states[f"kubelet-{node}"]["state"] == states[f"kube-proxy-{node}"]["state"] == "STOPPED"
     assert http_get(netns(lab, "client"), IP[node], 30007, timeout=0.5) is None  # links down
+    # a power cut takes the kernel's state with it: kube-proxy starts from empty tables on recover
+    assert "KUBE-" not in in_node("iptables-save") and "kube-proxy" not in in_node("nft", "list", "tables")
+    assert not in_node("conntrack", "-L", "-p", "tcp", "--orig-port-dst", "30007").strip()
+    assert fault.params["kernelState"] == "iptables/nftables rules and conntrack entries gone", fault.params
     wait_for(f"{node} NotReady", lambda: not node_ready(lab, node), timeout=15, interval=0.5)
     wait_for("its pods leave the endpoints", lambda: not any(endpoints_on(lab, node)), timeout=10, interval=0.5)
     assert [f.kind for f in faults.node_recover(target(lab), node)] == ["node-crash"]

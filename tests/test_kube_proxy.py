@@ -308,7 +308,8 @@ def test_rules_flushed_or_deleted_behind_kube_proxys_back_are_repaired_by_its_mo
     """Each kind of damage, with no API change to prompt a sync: kube-proxy's monitor notices
     (it asks every second) and resyncs in full; the Service is served again. Timed from the
     damage to the rules back, by polling the node's tables: the monitor's second plus a sync,
-    not the 60 s periodic resync (the deadline leaves room for a loaded machine)."""
+    not the 60 s periodic resync (the deadline leaves room for a loaded machine). kube-proxy is
+    frozen while the damage is done and checked, and the clock starts when it thaws."""
     apply(lab, (SEED / "service-clusterip.yaml").read_text())
     ip = lab.json("svc", "frontend-service")["spec"]["clusterIP"]
     get_json(lab, "node2", f"http://{ip}/")
@@ -331,13 +332,18 @@ def test_rules_flushed_or_deleted_behind_kube_proxys_back_are_repaired_by_its_mo
                                capture_output=True, text=True)
             return r.returncode == 0 and f"{ip} . tcp . 80 : goto" in r.stdout and "meta mark | 0x00004000" in r.stdout
     log = lab.state / "logs" / "kube-proxy-node2.log"
+    kube_proxy = json.loads((lab.state / "processes.json").read_text())["kube-proxy-node2"]["pid"]
     assert intact()
     for damage in damages:
         noticed = log.read_text().count("resyncing in full")
         syncs = full_syncs(lab, 2)
-        node_run(lab, 2, *damage)
+        os.kill(kube_proxy, signal.SIGSTOP)  # so that checking the damage cannot race its repair
+        try:
+            node_run(lab, 2, *damage)
+            assert not intact(), damage
+        finally:
+            os.kill(kube_proxy, signal.SIGCONT)
         damaged = time.monotonic()
-        assert not intact(), damage
         while not intact():
             assert time.monotonic() - damaged < 5, (damage, "not repaired")
             time.sleep(0.02)

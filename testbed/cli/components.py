@@ -112,16 +112,23 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
               help="IPVS mode: the virtual services' scheduler (rr wrr lc wlc lblc lblcr sh dh sed nq).")
 @click.option("--metrics-address", default="0.0.0.0:10249", show_default=True,
               help="Where /metrics and /healthz are served.")
+@click.option("--cleanup", is_flag=True,
+              help="Remove the rules every proxy mode made in this namespace, and exit (upstream's flag).")
 @pass_target
 def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
                cluster_cidr: str, nodeport_addresses: str, localhost_nodeports: bool, masquerade_all: bool,
-               service_cidr: str, min_sync_period: float, ipvs_scheduler: str, metrics_address: str) -> None:
+               service_cidr: str, min_sync_period: float, ipvs_scheduler: str, metrics_address: str,
+               cleanup: bool) -> None:
     """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules.
 
     Its node IPs are the addresses it finds in that namespace."""
     from testbed.proxy import backends, nodeaddrs
     from testbed.proxy.flags import FlagError, KubeProxyFlags, node_settings
     from testbed.proxy.server import run
+
+    if cleanup:
+        click.echo(f"removed the rules of: {', '.join(backends.cleanup_all(node_name)) or 'no mode'}")
+        return
 
     flags = KubeProxyFlags(node_name, proxy_mode, cluster_cidr, nodeport_addresses, masquerade_all, service_cidr,
                            localhost_nodeports, ipvs_scheduler)

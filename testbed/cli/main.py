@@ -7,12 +7,25 @@ from pathlib import Path
 
 import click
 
-from testbed.cli import cluster_cmds, components, fault_cmds, objects, scenario_cmds, supervise_cmds, vm_cmds
-from testbed.cli.common import NAME_HELP, SvclabGroup, make_target
+from testbed.cli.common import NAME_HELP, LazySvclabGroup, make_target
 from testbed.paths import cluster_from_env
 
 
-@click.group(cls=SvclabGroup, context_settings={"help_option_names": ["-h", "--help"]})
+VERBS = {  # verb -> where it is defined, imported when it runs
+    **{verb: f"testbed.cli.objects:{attr}" for verb, attr in
+       (("apply", "apply"), ("get", "get"), ("describe", "describe_cmd"), ("delete", "delete"), ("scale", "scale"))},
+    **{verb: f"testbed.cli.components:{verb.replace('-', '_')}" for verb in
+       ("apiserver", "controller-manager", "kube-proxy", "kubelet", "cloud-controller", "lb-controller")},
+    **{verb: f"testbed.cli.cluster_cmds:{attr}" for verb, attr in
+       (("up", "up"), ("demo", "demo"), ("down", "down"), ("clean", "clean_cmd"), ("exec", "exec_cmd"),
+        ("rules", "rules"))},
+    **{verb: f"testbed.cli.supervise_cmds:{verb}" for verb in ("status", "stop", "start", "restart")},
+    "validate": "testbed.cli.scenario_cmds:validate", "run": "testbed.cli.scenario_cmds:run",
+    "fault": "testbed.cli.fault_cmds:fault", "vm": "testbed.cli.vm_cmds:vm",
+}
+
+
+@click.group(cls=LazySvclabGroup, lazy=VERBS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--name", default=None, help=NAME_HELP)
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None, hidden=True,
               help="Use the cluster whose state is in this directory.")
@@ -24,11 +37,3 @@ def cli(ctx: click.Context, name: str | None, state_dir: Path | None, state_root
     named = name is not None or "SVCLAB_CLUSTER" in os.environ
     ctx.obj = make_target(name or cluster_from_env(), state_dir, state_root, named=named)
 
-
-for command in (objects.apply, objects.get, objects.describe_cmd, objects.delete, objects.scale,
-                components.apiserver, components.controller_manager, components.kube_proxy,
-                components.kubelet, components.cloud_controller, components.lb_controller,
-                cluster_cmds.up, cluster_cmds.demo, cluster_cmds.down, cluster_cmds.clean_cmd, cluster_cmds.exec_cmd,
-                cluster_cmds.rules, supervise_cmds.status, supervise_cmds.stop, supervise_cmds.start,
-                supervise_cmds.restart, scenario_cmds.validate, scenario_cmds.run, fault_cmds.fault, vm_cmds.vm):
-    cli.add_command(command)

@@ -132,7 +132,10 @@ class Cluster:
                                     self.config.external_subnet),
             self.state.path,
         )
-        self.network.start()
+        try:
+            self.network.start()
+        except net.MachineNotReady as exc:
+            raise ClusterError(str(exc)) from None
         # Nodes reach Service IPs like any node of a real cluster: the route sends them
         # toward the router, and kube-proxy's DNAT in OUTPUT redirects them before they leave.
         for node in self.network.node_ips:

@@ -66,6 +66,10 @@ RECORD_VERSION = 1
 TX_OFF_ENDS: tuple[str, ...] = ("host",)
 
 
+class MachineNotReady(RuntimeError):
+    """This machine cannot build a cluster network now (not root, Open vSwitch not running)."""
+
+
 class ClusterExistsError(RuntimeError):
     """Resources of a cluster with this name already exist."""
 
@@ -216,11 +220,11 @@ class ClusterNetwork:
     @staticmethod
     def _check_machine() -> None:
         if os.geteuid() != 0:
-            raise PermissionError("building a cluster network needs root")
+            raise MachineNotReady("building a cluster network needs root")
         if not ovs_ok():
-            raise RuntimeError(
-                "Open vSwitch is not running (ovs-vsctl show fails); start it with "
-                "/usr/share/openvswitch/scripts/ovs-ctl start --system-id=random"
+            raise MachineNotReady(
+                "Open vSwitch is not running (ovs-vsctl show fails); start it with `make setup` "
+                "(or /usr/share/openvswitch/scripts/ovs-ctl start --system-id=random)"
             )
 
     def _claim_name(self) -> int:

@@ -8,8 +8,11 @@ Deployment's pods, which the kubelets serve: kill = its pods' containers killed 
 kubelet restarts them), stop = scaled to 0 until start scales it back.
 
 A crashed node is what a power cut leaves: its kubelet and kube-proxy SIGKILLed and kept down,
-its pods' processes killed and its links down (the node lifecycle controller marks it NotReady
-after the grace period and its pods leave the endpoints). A frozen node is a paused VM: its
+its pods' processes killed, its links down (the node lifecycle controller marks it NotReady
+after the grace period and its pods leave the endpoints), and the kernel state a reboot would
+not bring back gone: its Service rules (every mode's) and its conntrack table. Kept, the old
+rules would forward the first connections after node-recover to the node's own pod, dead until
+its kubelet restarts it, before the new kube-proxy had synced. A frozen node is a paused VM: its
 kubelet, kube-proxy and every process they started stopped (SIGSTOP) until thawed.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from typing import Any
 
 from testbed.api.v1 import api_pb2 as pb
@@ -26,6 +30,8 @@ from testbed.cluster.supervisor import COMPONENTS, NODE_COMPONENTS, ask
 from testbed.faults import api, links, pods
 from testbed.faults.state import Fault, FaultStore
 from testbed.faults.target import FaultError, FaultTarget
+from testbed.node import podnet
+from testbed.proxy import backends
 
 COREDNS = "coredns"
 ALL_COMPONENTS = (*COMPONENTS, COREDNS)
@@ -150,11 +156,26 @@ def node_crash(cluster: FaultTarget, node: str) -> Fault:
             answer = _supervisor(cluster, {"verb": "kill", "component": component, "node": name, "keepDown": True})
             killed.update(answer["killed"])
         pod_pids = [pid for pid in _pod_processes(cluster, name) if procfs.kill(pid)]
+        lost = _lose_kernel_state(host.netns, name)
         return changes.add(Fault(
-            "node-crash", {"node": name, "killed": killed, "podProcesses": pod_pids},
+            "node-crash", {"node": name, "killed": killed, "podProcesses": pod_pids, "kernelState": lost},
             undo={"netns": host.netns, "links": list(host.links), "routes": routes, "linksWereDown": bool(held)},
             summary=f"{name} crashed: {', '.join(killed)} killed and kept down, {len(pod_pids)} pod processes "
-                    "killed, links down"))
+                    f"killed, links down, {lost}"))
+
+
+def _lose_kernel_state(netns: str, node: str) -> str:
+    """What a power cut takes with the kernel: the node's Service rules and conntrack entries.
+    Says what went (or what could not be removed: the crash stands either way)."""
+    try:
+        with podnet.entered_netns(netns):
+            modes = backends.cleanup_all(node)
+            flushed = subprocess.run(["conntrack", "-F"], capture_output=True, text=True, timeout=30)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return f"its Service rules not all removed ({exc})"
+    if flushed.returncode != 0:
+        return f"{'/'.join(modes)} rules removed, conntrack not flushed ({flushed.stderr.strip()})"
+    return f"{'/'.join(modes)} rules and conntrack entries gone"
 
 
 def node_recover(cluster: FaultTarget, node: str) -> list[Fault]:

@@ -125,3 +125,17 @@ def implementation(mode: str) -> type[ProxyBackend]:
 def create(mode: str, settings: NodeSettings) -> ProxyBackend:
     """The backend for `mode` (Unsupported if this machine or svclab cannot run it)."""
     return backend_class(mode)(settings)
+
+
+def cleanup_all(node_name: str) -> list[str]:
+    """Remove what each mode this kernel can run made in this namespace (upstream's
+    `kube-proxy --cleanup`); returns the modes cleaned."""
+    cleaned = []
+    for mode in IMPLEMENTED:
+        try:
+            backend = create(mode, NodeSettings(node_name))
+        except Unsupported:
+            continue
+        backend.cleanup()
+        cleaned.append(mode)
+    return cleaned
