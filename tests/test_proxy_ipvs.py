@@ -304,3 +304,35 @@ def test_check_loads_into_a_scratch_namespace(netns):
             backend.check(state)
         backend.check(state.without({bad}))
     assert kernel_view(node)["services"] == {}
+
+
+@vm_test
+def test_kube_proxy_cleanup_removes_ipvs_modes_state_too(netns):
+    """`kube-proxy --cleanup` (backends.cleanup_all, node-crash uses it) on a node IPVS mode
+    programmed: every mode's cleanup runs, IPVS's included, and nothing of kube-proxy's is left."""
+    node = netns.add("node")
+    run(["ip", "-n", node, "addr", "add", f"{NODE_IP}/16", "dev", "lo"])
+    with inside(node):
+        IpvsBackend(SETTINGS).sync(ProxyState.from_objects(*golden_objects(), NODE), None)
+        assert backends.cleanup_all(NODE) == ["iptables", "nftables", "ipvs"]
+    after = kernel_view(node)
+    assert after["services"] == {} and after["bound"] == set() and after["cluster-ips"] is None
+    assert "KUBE-" not in in_ns(node, "iptables-save").stdout
+    assert in_ns(node, "ipset", "list", "-n").stdout.strip() == ""
+
+
+@pytest.mark.kernel
+def test_ipsets_over_netlink_need_no_ipvs(netns):
+    """The ipset half of kernel.py runs on any kernel with ipset (this host's too): members read
+    back as written, and a destroyed set is gone (pyroute2 answers lazily: read, not assumed)."""
+    node = netns.add("node")
+    member = ("10.96.0.11", "tcp", 80)
+    with inside(node), Netlink() as nl:
+        nl.ensure_sets()
+        nl.add_entry((names.CLUSTER_IP.name, member))
+        nl.add_entry((names.NODE_PORT["TCP"].name, (30080,)))
+        assert nl.set_members(names.CLUSTER_IP.name) == {member}
+        assert nl.set_members(names.NODE_PORT["TCP"].name) == {(30080,)}
+        nl.destroy_sets()
+        assert not nl.has_set(names.CLUSTER_IP.name)
+    assert in_ns(node, "ipset", "list", "-n").stdout.strip() == ""
