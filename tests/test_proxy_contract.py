@@ -23,7 +23,7 @@ def test_the_contract_names_what_kube_proxy_calls():
 
 @pytest.mark.parametrize("mode", backends.IMPLEMENTED)
 def test_backend_implements_the_contract(mode):
-    cls = backends.backend_class(mode)
+    cls = backends.implementation(mode)
     backend = cls(NodeSettings("node1", "10.244.0.0/16", ("172.18.0.2",), ("172.18.0.2",)))
     assert isinstance(backend, ProxyBackend)
     assert backend.name == mode

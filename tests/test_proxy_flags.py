@@ -80,3 +80,17 @@ def test_localhost_nodeport_addresses_iptables_mode_only(caplog):
         nodeports("nftables", "127.0.0.0/8")
     assert "--iptables-localhost-nodeports BOOLEAN iptables mode: NodePorts answer on 127.0.0.0/8" \
         in kube_proxy_help()
+
+
+def test_ipvs_scheduler_from_the_cluster_config_to_the_backend_settings():
+    config = ClusterConfig.from_dict({"kubeProxy": {"mode": "ipvs", "ipvs": {"scheduler": "lc"}}})
+    flags = config.kube_proxy_flags()
+    assert flags[flags.index("--ipvs-scheduler") + 1] == "lc"
+    assert "--ipvs-scheduler" not in ClusterConfig().kube_proxy_flags()  # the other modes never read it
+    with pytest.raises(ConfigError, match="kubeProxy.ipvs.scheduler: 'fastest': must be one of rr, wrr"):
+        ClusterConfig.from_dict({"kubeProxy": {"ipvs": {"scheduler": "fastest"}}})
+    assert node_settings(KubeProxyFlags("n1", "ipvs", ipvs_scheduler="sh"), ()).ipvs_scheduler == "sh"
+    with pytest.raises(FlagError, match="--ipvs-scheduler: 'fastest': use one of rr, wrr"):
+        node_settings(KubeProxyFlags("n1", "ipvs", ipvs_scheduler="fastest"), ())
+    assert node_settings(KubeProxyFlags("n1", ipvs_scheduler="fastest"), ()).ipvs_scheduler == "fastest"  # unread
+    assert "--ipvs-scheduler TEXT IPVS mode: the virtual services' scheduler" in kube_proxy_help()

@@ -17,7 +17,7 @@ from testbed.vm.boot import VmUnavailable, missing_tools, stock_kernel
 from tests.conftest import IN_VM, REPO
 
 VM_TIER_TIMEOUT_S = 900  # TCG: a boot and a few clusters; the goal is ~10 minutes
-MIN_VM_TESTS = 2  # netem delay and the kernel datapath (IPVS mode's join them)
+MIN_VM_TESTS = 9  # netem delay, the OVS kernel datapath, and IPVS mode's seven (tests/test_proxy_ipvs.py)
 VM_SELECTION = "vm and not cluster"  # whole clusters take minutes each to start under TCG
 
 

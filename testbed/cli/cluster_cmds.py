@@ -39,6 +39,12 @@ def up(ctx: click.Context, nodes: int | None, proxy_mode: str | None, files: tup
                                        name=target.name if target.named or not config_file else None)
     except ConfigError as exc:
         fail(f"invalid cluster config: {exc}")
+    if config.proxy_mode == "ipvs":  # before root: the way out repeats this very command in the VM
+        from testbed.proxy import backends
+        try:
+            backends.check_mode("ipvs", sys.argv[1:])
+        except backends.Unsupported as exc:
+            fail(str(exc))
     if os.geteuid() != 0:
         fail("svclab up needs root (network namespaces, Open vSwitch)")
     if config.name != target.name:

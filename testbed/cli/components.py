@@ -108,6 +108,8 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
                    "unallocated addresses (default: none, no drop).")
 @click.option("--min-sync-period", type=Duration(), default="1s", show_default=True,
               help="Least time between two syncs (0 for tests).")
+@click.option("--ipvs-scheduler", default="rr", show_default=True,
+              help="IPVS mode: the virtual services' scheduler (rr wrr lc wlc lblc lblcr sh dh sed nq).")
 @click.option("--metrics-address", default="0.0.0.0:10249", show_default=True,
               help="Where /metrics and /healthz are served.")
 @click.option("--cleanup", is_flag=True,
@@ -115,7 +117,8 @@ def kubelet(target: Target, api: str | None, token_file: Path | None, node_name:
 @pass_target
 def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_name: str, proxy_mode: str,
                cluster_cidr: str, nodeport_addresses: str, localhost_nodeports: bool, masquerade_all: bool,
-               service_cidr: str, min_sync_period: float, metrics_address: str, cleanup: bool) -> None:
+               service_cidr: str, min_sync_period: float, ipvs_scheduler: str, metrics_address: str,
+               cleanup: bool) -> None:
     """Run kube-proxy in the current network namespace: Services -> iptables/nftables/IPVS rules.
 
     Its node IPs are the addresses it finds in that namespace."""
@@ -128,7 +131,7 @@ def kube_proxy(target: Target, api: str | None, token_file: Path | None, node_na
         return
 
     flags = KubeProxyFlags(node_name, proxy_mode, cluster_cidr, nodeport_addresses, masquerade_all, service_cidr,
-                           localhost_nodeports)
+                           localhost_nodeports, ipvs_scheduler)
     try:
         settings = node_settings(flags, nodeaddrs.local_ipv4_addresses(loopback=True))
     except FlagError as exc:

@@ -14,6 +14,8 @@
       mode: iptables          # iptables | nftables | ipvs
       minSyncPeriod: 1s
       masqueradeAll: false    # masquerade every packet to a ClusterIP (kube-proxy --masquerade-all)
+      ipvs:
+        scheduler: rr         # IPVS mode: rr | wrr | lc | wlc | lblc | lblcr | sh | dh | sed | nq
     nodeMonitorGracePeriod: 5s
     loadBalancer:             # the cloud load balancer (cloud-controller + OpenFlow app)
       healthCheckInterval: 500ms
@@ -69,6 +71,7 @@ class ClusterConfig:
     proxy_mode: str = "iptables"
     min_sync_period: float = 1.0
     masquerade_all: bool = False
+    ipvs_scheduler: str = "rr"
     node_monitor_grace_period: float = 5.0
     lb_health_interval: float = 0.5
     lb_health_timeout: float = 0.4
@@ -116,6 +119,9 @@ class ClusterConfig:
                 raise ConfigError(f"loadBalancer.{key}: {value!r}: must be a whole number >= 1")
         if not isinstance(self.masquerade_all, bool):
             raise ConfigError(f"kubeProxy.masqueradeAll: {self.masquerade_all!r}: must be true or false")
+        from testbed.proxy.ipvs.names import SCHEDULERS
+        if self.ipvs_scheduler not in SCHEDULERS:
+            raise ConfigError(f"kubeProxy.ipvs.scheduler: {self.ipvs_scheduler!r}: must be one of {', '.join(SCHEDULERS)}")
         if self.proxy_mode not in MODES:
             raise ConfigError(f"kubeProxy.mode: {self.proxy_mode!r}: must be one of {', '.join(MODES)}")
         try:
@@ -143,6 +149,8 @@ class ClusterConfig:
                  "--service-cidr", self.service_subnet, "--min-sync-period", str(self.min_sync_period)]
         if self.masquerade_all:
             flags.append("--masquerade-all")
+        if self.proxy_mode == "ipvs":
+            flags += ["--ipvs-scheduler", self.ipvs_scheduler]
         return flags
 
     def with_overrides(self, **values: Any) -> "ClusterConfig":
@@ -179,10 +187,12 @@ class ClusterConfig:
                 values["proxy_mode"] = value
             elif key == "minSyncPeriod":
                 values["min_sync_period"] = _duration(f"kubeProxy.{key}", value)
+            elif key == "ipvs" and isinstance(value, dict) and set(value) <= {"scheduler"}:
+                values["ipvs_scheduler"] = str(value.get("scheduler") or "rr")
             elif key == "masqueradeAll":
                 values["masquerade_all"] = value
             else:
-                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: masqueradeAll, minSyncPeriod, mode)")
+                raise ConfigError(f"kubeProxy.{key}: unknown setting (known: ipvs.scheduler, masqueradeAll, minSyncPeriod, mode)")
         if "nodeMonitorGracePeriod" in data:
             values["node_monitor_grace_period"] = _duration("nodeMonitorGracePeriod", data["nodeMonitorGracePeriod"])
         lb = data.get("loadBalancer") or {}

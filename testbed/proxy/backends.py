@@ -18,7 +18,7 @@ from testbed.proxy.model import ProxyState, ServicePortName
 #: Every mode kube-proxy accepts (--proxy-mode, the cluster config's kubeProxy.mode).
 MODES = ("iptables", "nftables", "ipvs")
 #: The modes svclab has a backend for.
-IMPLEMENTED = ("iptables", "nftables")
+IMPLEMENTED = ("iptables", "nftables", "ipvs")
 
 
 class Unsupported(RuntimeError):
@@ -38,6 +38,8 @@ class NodeSettings:
     localhost_nodeports: NodePorts on 127.0.0.0/8 too, where nodeport_addresses allow them (empty,
     or holding a loopback address): iptables mode only (upstream's --iptables-localhost-nodeports),
     which sets route_localnet in the node's namespace; the other modes ignore it, as upstream.
+    ipvs_scheduler: IPVS mode's --ipvs-scheduler ("": rr). ipvs_drain_timeout: seconds a removed
+    IPVS real server may keep its connections before it is deleted.
     """
 
     node_name: str
@@ -47,6 +49,8 @@ class NodeSettings:
     masquerade_all: bool = False
     service_cidrs: tuple[str, ...] = ()
     localhost_nodeports: bool = True
+    ipvs_scheduler: str = ""
+    ipvs_drain_timeout: float = 900.0
 
 
 @runtime_checkable
@@ -85,14 +89,15 @@ class ProxyBackend(Protocol):
         ...
 
 
-def check_mode(mode: str) -> None:
-    """Refuse, with the way out, a mode this kernel or this svclab cannot run."""
+def check_mode(mode: str, argv: list[str] | None = None) -> None:
+    """Refuse, with the way out, a mode this kernel or this svclab cannot run. argv: the svclab
+    command given, which the way out repeats (`svclab vm -- svclab <argv>`)."""
     if mode not in MODES:
         raise Unsupported(f"unknown proxy mode {mode!r}: use one of {', '.join(MODES)}")
     if mode == "ipvs":
         from testbed.proxy.ipvs import KernelLacksIpvs, check_kernel
         try:
-            check_kernel()
+            check_kernel(argv)
         except KernelLacksIpvs as exc:
             raise Unsupported(str(exc)) from None
     if mode not in IMPLEMENTED:
@@ -100,10 +105,19 @@ def check_mode(mode: str) -> None:
 
 
 def backend_class(mode: str) -> type[ProxyBackend]:
+    """The backend class for `mode`, once this machine is known to run it (Unsupported if not)."""
     check_mode(mode)
+    return implementation(mode)
+
+
+def implementation(mode: str) -> type[ProxyBackend]:
+    """The class that implements `mode`, whether or not this kernel can run it."""
     if mode == "nftables":
         from testbed.proxy.nftables.backend import NftablesBackend
         return NftablesBackend
+    if mode == "ipvs":
+        from testbed.proxy.ipvs.backend import IpvsBackend
+        return IpvsBackend
     from testbed.proxy.iptables.backend import IptablesBackend
     return IptablesBackend
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from testbed.proxy import nodeaddrs
 from testbed.proxy.backends import NodeSettings
+from testbed.proxy.ipvs.names import SCHEDULERS
 
 
 class FlagError(ValueError):
@@ -33,6 +34,7 @@ class KubeProxyFlags:
     masquerade_all: bool = False
     service_cidr: str = ""
     localhost_nodeports: bool = True  # --iptables-localhost-nodeports
+    ipvs_scheduler: str = ""  # "": rr
 
 
 def node_settings(flags: KubeProxyFlags, addresses: tuple[str, ...]) -> NodeSettings:
@@ -54,6 +56,10 @@ def node_settings(flags: KubeProxyFlags, addresses: tuple[str, ...]) -> NodeSett
         service = nodeaddrs.parse_cidrs(flags.service_cidr, "--service-cidr")
     except ValueError as exc:
         raise FlagError("--service-cidr", str(exc).removeprefix("--service-cidr: ")) from None
+    if flags.proxy_mode == "ipvs" and flags.ipvs_scheduler and flags.ipvs_scheduler not in SCHEDULERS:
+        # upstream validates it in IPVS mode only; the other modes never read it
+        raise FlagError("--ipvs-scheduler", f"{flags.ipvs_scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     return NodeSettings(flags.node_name, cluster_cidr=flags.cluster_cidr or None, node_ips=node_ips,
                         nodeport_addresses=nodeport_ips, masquerade_all=flags.masquerade_all,
-                        service_cidrs=service.ipv4, localhost_nodeports=localhost)
+                        service_cidrs=service.ipv4, localhost_nodeports=localhost,
+                        ipvs_scheduler=flags.ipvs_scheduler)

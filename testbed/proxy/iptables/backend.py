@@ -17,6 +17,7 @@ import subprocess
 
 from testbed.proxy import iptables, kernel, nfnetlink
 from testbed.proxy.backends import NodeSettings
+from testbed.proxy.iptables import hooks
 from testbed.proxy.model import ProxyState, ServicePortName
 
 log = logging.getLogger("svclab.kube-proxy")
@@ -33,7 +34,7 @@ def localhost_nodeports(settings: NodeSettings) -> bool:
     return settings.localhost_nodeports and (not addresses or any(a.startswith("127.") for a in addresses))
 
 
-def _uses_nf_tables() -> bool:
+def uses_nf_tables() -> bool:
     return "nf_tables" in subprocess.run(["iptables", "-V"], capture_output=True, text=True).stdout
 
 
@@ -56,7 +57,7 @@ class IptablesBackend:
         if not self._canary_ok:
             return True
         if self._nf_tables is None:
-            self._nf_tables = _uses_nf_tables()
+            self._nf_tables = uses_nf_tables()
         if self._nf_tables:
             gone = not all(nfnetlink.chain_exists(t, CANARY) for t in CANARY_TABLES)
             emptied = any(nfnetlink.chain_rule_count(t, c) == 0 for t, c in NEVER_EMPTY)
@@ -103,17 +104,7 @@ class IptablesBackend:
         kernel.check_in_scratch_netns(["iptables-restore", "-w", *iptables.RESTORE_FLAGS], document)
 
     def _ensure_hooks(self) -> None:
-        """Our top-level chains, and the jumps to them from the built-in chains (as upstream, before
-        restore). One iptables-save per table tells what is there already (the usual case): a full
-        sync on every node at once must stay cheap (20 nodes share 2 cores here)."""
-        saved = {table: kernel.run(["iptables-save", "-t", table]) for table in ("filter", "nat")}
-        for rule in iptables.hook_rules():
-            if rule.in_saved(saved[rule.table]):
-                continue
-            target = rule.args[-1]
-            if f"\n:{target} " not in saved[rule.table]:
-                subprocess.run(["iptables", "-w", "-t", rule.table, "-N", target], capture_output=True)
-            kernel.run(["iptables", "-w", *rule.insert_argv()])
+        hooks.ensure_hooks(iptables.hook_rules())
 
     def _ensure_canary(self) -> None:
         doc = "".join(f"*{table}\n:{CANARY} - [0:0]\nCOMMIT\n" for table in CANARY_TABLES)
@@ -131,8 +122,7 @@ class IptablesBackend:
 
     def cleanup(self) -> None:
         """Remove every rule and chain this backend made (upstream's CleanupLeftovers)."""
-        for rule in iptables.hook_rules():
-            subprocess.run(["iptables", "-w", *rule.delete_argv()], capture_output=True)
+        hooks.delete_hooks(iptables.hook_rules())
         for table in ("nat", "filter", "mangle"):
             saved = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
             chains = [l[1:].split()[0] for l in saved.splitlines() if l.startswith(":KUBE-")]
