@@ -454,7 +454,7 @@ def test_bad_cluster_settings_are_refused_by_the_cluster_configs_rules(tmp_path)
     assert one_problem(tmp_path, "{nodes: 3}", "{nodes: 3, proxyMode: ebpf}").startswith(
         "s.yaml:2: cluster.proxyMode: unknown proxy mode 'ebpf' (known: iptables, nftables, ipvs)")
     assert one_problem(tmp_path, "{nodes: 3}", "{nodes: 3, kubeProxy: {minSync: 1s}}") == \
-        "s.yaml:2: cluster.kubeProxy.minSync: unknown setting (known: masqueradeAll, minSyncPeriod, mode)"
+        "s.yaml:2: cluster.kubeProxy.minSync: unknown setting (known: ipvs.scheduler, masqueradeAll, minSyncPeriod, mode)"
     assert one_problem(tmp_path, "{nodes: 3}", "{nodes: 3, proxyMode: iptables, kubeProxy: {mode: nftables}}") == \
         "s.yaml:2: cluster.kubeProxy.mode: the proxy mode twice: give proxyMode or kubeProxy.mode, not both"
 
