@@ -89,6 +89,10 @@ def test_ipvs_scheduler_from_the_cluster_config_to_the_backend_settings():
     assert "--ipvs-scheduler" not in ClusterConfig().kube_proxy_flags()  # the other modes never read it
     with pytest.raises(ConfigError, match="kubeProxy.ipvs.scheduler: 'fastest': must be one of rr, wrr"):
         ClusterConfig.from_dict({"kubeProxy": {"ipvs": {"scheduler": "fastest"}}})
+    with pytest.raises(ConfigError, match=r"kubeProxy.ipvs.syncPeriod: unknown setting \(known: scheduler\)"):
+        ClusterConfig.from_dict({"kubeProxy": {"ipvs": {"scheduler": "rr", "syncPeriod": "30s"}}})
+    with pytest.raises(ConfigError, match="kubeProxy.ipvs: 'rr': must be a mapping"):
+        ClusterConfig.from_dict({"kubeProxy": {"ipvs": "rr"}})
     assert node_settings(KubeProxyFlags("n1", "ipvs", ipvs_scheduler="sh"), ()).ipvs_scheduler == "sh"
     with pytest.raises(FlagError, match="--ipvs-scheduler: 'fastest': use one of rr, wrr"):
         node_settings(KubeProxyFlags("n1", "ipvs", ipvs_scheduler="fastest"), ())

@@ -187,8 +187,8 @@ class ClusterConfig:
                 values["proxy_mode"] = value
             elif key == "minSyncPeriod":
                 values["min_sync_period"] = _duration(f"kubeProxy.{key}", value)
-            elif key == "ipvs" and isinstance(value, dict) and set(value) <= {"scheduler"}:
-                values["ipvs_scheduler"] = str(value.get("scheduler") or "rr")
+            elif key == "ipvs":
+                values["ipvs_scheduler"] = _ipvs_scheduler(value)
             elif key == "masqueradeAll":
                 values["masquerade_all"] = value
             else:
@@ -221,6 +221,16 @@ LB_REMOVED = {
     "idleTimeout": "connections live in the edge switch's connection tracker, which times them out itself",
 }
 MAX_POOL = 1 << 14
+
+
+def _ipvs_scheduler(section: Any) -> str:
+    """kubeProxy.ipvs: a mapping whose one known key is scheduler (upstream's KubeProxyIPVSConfiguration)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"kubeProxy.ipvs: {section!r}: must be a mapping, e.g. {{scheduler: rr}}")
+    for key in section:
+        if key != "scheduler":
+            raise ConfigError(f"kubeProxy.ipvs.{key}: unknown setting (known: scheduler)")
+    return str(section.get("scheduler") or "rr")
 
 
 def _duration(key: str, value: Any) -> float:

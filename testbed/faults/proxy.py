@@ -28,5 +28,10 @@ def flush_conntrack(cluster: FaultTarget, node: str) -> Fault:
     """Empty the host's connection tracking table (`conntrack -F` in its namespace): NATed
     connections lose their translation, and their next packets are taken as new."""
     host = cluster.host(node, field="node")
-    in_netns(host.netns, ["conntrack", "-F"])
+    empty_conntrack(host.netns)
     return Fault("flush-conntrack", {"node": host.name}, summary=f"{host.name}: conntrack -F")
+
+
+def empty_conntrack(netns: str) -> None:
+    """`conntrack -F` in the namespace (RuntimeError naming the output if it fails)."""
+    in_netns(netns, ["conntrack", "-F"])
